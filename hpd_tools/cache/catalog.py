@@ -1,0 +1,59 @@
+"""``info`` and ``list``: what a cache holds and which caches exist."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .layout import CacheStore, cache_root, is_cache
+
+
+def cache_info(path: str | Path) -> dict[str, Any]:
+    """The cache's attributes plus stats measured now (bytes on disk, units done)."""
+    store = CacheStore(path)
+    attrs = store.attrs
+    counts = attrs["counts"]
+    sizes = store.bytes_on_disk()
+    total = sum(sizes.values())
+    return {
+        "location": str(store.path),
+        "key": store.key,
+        "complete": store.complete,
+        "units_done": len(store.done_units()),
+        "units_total": store.n_units,
+        "sequences": counts["sequences"],
+        "tokens": counts["tokens"],
+        "response_tokens": counts["response_tokens"],
+        "k": store.k,
+        "bytes_on_disk": total,
+        "bytes_per_token": round(total / max(counts["tokens"], 1), 2),
+        "bytes_per_response_token": round(total / max(counts["response_tokens"], 1), 2),
+        "bytes_by_array": sizes,
+        "mean_abs_kl_distortion": (attrs.get("quality") or {}).get("mean_abs_kl_distortion"),
+        "attributes": attrs,
+    }
+
+
+def list_caches(root: str | Path | None = None) -> list[dict[str, Any]]:
+    root = Path(root) if root else cache_root()
+    if not root.is_dir():
+        return []
+    rows = []
+    for path in sorted(root.iterdir()):
+        if not is_cache(path):
+            continue
+        store = CacheStore(path)
+        a = store.attrs
+        rows.append(
+            {
+                "key": store.key,
+                "teacher": a["teacher"]["name"],
+                "data": a["data"]["path"],
+                "k": store.k,
+                "tokens": a["counts"]["tokens"],
+                "bytes": sum(store.bytes_on_disk().values()),
+                "complete": store.complete,
+                "location": str(path),
+            }
+        )
+    return rows

@@ -1,0 +1,161 @@
+"""Streaming a cache: sequence by sequence, chunk by chunk, shuffled and partitioned.
+
+A sequence belongs to the unit (chunk) where it starts. Each epoch the units
+are permuted with ``seed + epoch`` and dealt to ranks round-robin, so ranks
+read disjoint data; within a rank a shuffle buffer of ``buffer_sequences``
+mixes sequences across chunks. Only one unit's arrays (plus the buffer) are in
+memory at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from ..errors import CacheError
+from . import codec
+from .layout import CacheStore
+
+
+@dataclass
+class CachedSequence:
+    """One cached sequence, decoded. Row i is about token i+1 (see layout.py)."""
+
+    index: int
+    example_id: int
+    tokens: np.ndarray  # int64 [L]
+    loss_mask: np.ndarray  # bool [L]
+    label_logprob: np.ndarray  # float32 [L]
+    topk_ids: np.ndarray  # int64 [L, k]
+    topk_logprobs: np.ndarray  # float32 [L, k]; rows where loss_mask is False are 0
+
+
+@dataclass
+class Batch:
+    """Sequences right-padded to the longest; padded positions have loss_mask False."""
+
+    indices: np.ndarray  # [B] sequence indices in the cache
+    lengths: np.ndarray  # [B]
+    input_ids: np.ndarray  # int64 [B, T]
+    loss_mask: np.ndarray  # bool [B, T]
+    label_logprob: np.ndarray  # float32 [B, T]
+    topk_ids: np.ndarray  # int64 [B, T, k]
+    topk_logprobs: np.ndarray  # float32 [B, T, k]
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.lengths.sum())
+
+
+class CacheReader:
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        buffer_sequences: int = 256,
+        require_complete: bool = True,
+    ):
+        self.store = CacheStore(path)
+        if require_complete and not self.store.complete:
+            done = len(self.store.done_units())
+            raise CacheError(f"{path}: cache is incomplete ({done}/{self.store.n_units} units done); finish it by rerunning the `hpd-tools cache` command that made it")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
+        self.buffer_sequences = buffer_sequences
+        self.offsets = self.store.array("offsets")[:]
+        self.k = self.store.k
+        self._example_ids = self.store.array("example_id")
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def units(self, epoch: int = 0) -> list[int]:
+        """This rank's units, in this epoch's order."""
+        order = np.arange(self.store.n_units)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch]).permutation(order)
+        return order[self.rank :: self.world_size].tolist()
+
+    def read_unit(self, unit: int) -> list[CachedSequence]:
+        """The sequences that start in ``unit``, decoded."""
+        start, end = self.store.unit_range(unit)
+        first = int(np.searchsorted(self.offsets, start, side="left"))
+        last = int(np.searchsorted(self.offsets, end, side="left"))
+        if first >= last:
+            return []
+        lo, hi = int(self.offsets[first]), int(self.offsets[last])
+        a = {name: self.store.array(name)[lo:hi] for name in ("tokens", "loss_mask", "label_logprob", "topk_ids", "topk_logprobs", "topk_head")}
+        logprobs = codec.decode_logprobs(a["topk_head"], a["topk_logprobs"])
+        logprobs[~a["loss_mask"]] = 0.0
+        ids = self._example_ids[first:last]
+        out = []
+        for j, s in enumerate(range(first, last)):
+            p, q = int(self.offsets[s]) - lo, int(self.offsets[s + 1]) - lo
+            out.append(
+                CachedSequence(
+                    index=s,
+                    example_id=int(ids[j]),
+                    tokens=a["tokens"][p:q].astype(np.int64),
+                    loss_mask=a["loss_mask"][p:q],
+                    label_logprob=a["label_logprob"][p:q].astype(np.float32),
+                    topk_ids=a["topk_ids"][p:q].astype(np.int64),
+                    topk_logprobs=logprobs[p:q],
+                )
+            )
+        return out
+
+    def sequences(self, epoch: int = 0) -> Iterator[CachedSequence]:
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        buffer: list[CachedSequence] = []
+        for unit in self.units(epoch):
+            for seq in self.read_unit(unit):
+                if not self.shuffle:
+                    yield seq
+                    continue
+                buffer.append(seq)
+                if len(buffer) >= self.buffer_sequences:
+                    yield buffer.pop(int(rng.integers(len(buffer))))
+        while buffer:
+            yield buffer.pop(int(rng.integers(len(buffer))))
+
+    def batches(self, batch_tokens: int, epoch: int = 0) -> Iterator[Batch]:
+        """Padded batches of at most ``batch_tokens`` (longest x count) tokens."""
+        pending: list[CachedSequence] = []
+        for seq in self.sequences(epoch):
+            width = max([len(seq.tokens)] + [len(p.tokens) for p in pending])
+            if pending and width * (len(pending) + 1) > batch_tokens:
+                yield collate(pending, self.k)
+                pending = []
+            pending.append(seq)
+        if pending:
+            yield collate(pending, self.k)
+
+
+def collate(seqs: list[CachedSequence], k: int) -> Batch:
+    lengths = np.array([len(s.tokens) for s in seqs], dtype=np.int64)
+    b, t = len(seqs), int(lengths.max())
+    batch = Batch(
+        indices=np.array([s.index for s in seqs], dtype=np.int64),
+        lengths=lengths,
+        input_ids=np.zeros((b, t), dtype=np.int64),
+        loss_mask=np.zeros((b, t), dtype=bool),
+        label_logprob=np.zeros((b, t), dtype=np.float32),
+        topk_ids=np.zeros((b, t, k), dtype=np.int64),
+        topk_logprobs=np.zeros((b, t, k), dtype=np.float32),
+    )
+    for i, s in enumerate(seqs):
+        n = len(s.tokens)
+        batch.input_ids[i, :n] = s.tokens
+        batch.loss_mask[i, :n] = s.loss_mask
+        batch.label_logprob[i, :n] = s.label_logprob
+        batch.topk_ids[i, :n] = s.topk_ids
+        batch.topk_logprobs[i, :n] = s.topk_logprobs
+    return batch

@@ -1,0 +1,158 @@
+"""``verify``: read every chunk of a cache and check it against the cache contract."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import CacheCorruptError
+from ..progress import Progress
+from . import codec
+from .layout import CacheStore, unit_marker
+
+_ARRAYS = ("tokens", "loss_mask", "label_logprob", "topk_head", "topk_ids", "topk_logprobs")
+
+
+@dataclass
+class VerifyReport:
+    location: str
+    units_checked: int = 0
+    units_total: int = 0
+    positions: int = 0
+    label_in_topk: int = 0
+    max_label_gap: float = 0.0
+    complete: bool = False
+    problems: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.__dict__.copy()
+
+
+def _fail(path: Path, message: str) -> None:
+    raise CacheCorruptError(f"{path}: {message}; rebuild the affected cache (delete it and rerun `hpd-tools cache`)")
+
+
+def verify_cache(path: str | Path) -> VerifyReport:
+    """Check shapes, offsets, masks and every stored log-prob; raise on the first violation.
+
+    An incomplete cache is checked as far as it is written; ``complete`` in
+    the report says whether it is finished.
+    """
+    store = CacheStore(path)
+    path = store.path
+    attrs = store.attrs
+    k, n_units = store.k, store.n_units
+    n = int(attrs["counts"]["tokens"])
+    s = int(attrs["counts"]["sequences"])
+    vocab = int(attrs["teacher"].get("vocab_size") or 0) or None
+
+    expected = {
+        "tokens": (n,), "loss_mask": (n,), "label_logprob": (n,), "topk_head": (n,),
+        "topk_ids": (n, k), "topk_logprobs": (n, k), "offsets": (s + 1,), "example_id": (s,),
+    }
+    for name, shape in expected.items():
+        try:
+            actual = store.array(name).shape
+        except KeyError:
+            _fail(path, f"array '{name}' is missing")
+        if tuple(actual) != shape:
+            _fail(path, f"array '{name}' has shape {tuple(actual)}, expected {shape}")
+    offsets = store.array("offsets")[:]
+    if offsets[0] != 0 or offsets[-1] != n:
+        _fail(path, f"offsets run from {offsets[0]} to {offsets[-1]}, expected 0 to {n}")
+    lengths = np.diff(offsets)
+    if (lengths < 2).any():
+        bad = int(np.flatnonzero(lengths < 2)[0])
+        _fail(path, f"sequence {bad} has {lengths[bad]} tokens (offsets must increase by at least 2)")
+    last_positions = offsets[1:] - 1
+
+    done = store.done_units()
+    if store.complete and len(done) < n_units:
+        _fail(path, f"marked complete but only {len(done)}/{n_units} units have markers")
+    report = VerifyReport(location=str(path), units_total=n_units, complete=store.complete)
+    progress = Progress(total=len(done), unit="units", desc="verify")
+    for unit in sorted(done):
+        start, end = store.unit_range(unit)
+        data = {}
+        for name in _ARRAYS:
+            try:
+                data[name] = store.array(name)[start:end]
+            except Exception as exc:  # a damaged chunk fails inside the codec with its own error type
+                _fail(path, f"array '{name}' chunk {unit} (positions {start}-{end}) cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
+        _check_unit(path, unit, start, data, last_positions, k, vocab, report)
+        report.units_checked += 1
+        report.positions += end - start
+        progress.update(1)
+    progress.close()
+    return report
+
+
+def _check_unit(path: Path, unit: int, start: int, d: dict[str, np.ndarray], last_positions: np.ndarray, k: int, vocab: int | None, report: VerifyReport) -> None:
+    n = len(d["tokens"])
+    where = lambda i: f"position {start + int(i)} (unit {unit})"  # noqa: E731
+    is_last = np.zeros(n, dtype=bool)
+    lp = last_positions[(last_positions >= start) & (last_positions < start + n)] - start
+    is_last[lp] = True
+    has_next = ~is_last
+
+    tokens = d["tokens"]
+    if vocab and ((tokens < 0) | (tokens >= vocab)).any():
+        _fail(path, f"token id out of range at {where(np.flatnonzero((tokens < 0) | (tokens >= vocab))[0])}")
+    mask = d["loss_mask"]
+    if (mask & is_last).any():
+        _fail(path, f"loss_mask is set on the last position of a sequence at {where(np.flatnonzero(mask & is_last)[0])}")
+
+    label = d["label_logprob"].astype(np.float32)
+    bad = has_next & (~np.isfinite(label) | (label > 1e-3))
+    if bad.any():
+        i = np.flatnonzero(bad)[0]
+        _fail(path, f"label_logprob {label[i]} is not a finite value <= 0 at {where(i)}")
+
+    head = d["topk_head"].astype(np.float32)
+    codes = d["topk_logprobs"]
+    ids = d["topk_ids"].astype(np.int64)
+    off = ~mask
+    if (head[off] != 0).any() or (codes[off] != 0).any() or (ids[off] != 0).any():
+        i = np.flatnonzero(off & ((head != 0) | (codes != 0).any(1) | (ids != 0).any(1)))[0]
+        _fail(path, f"top-k data at a position without a training signal, {where(i)}")
+    rows = np.flatnonzero(mask)
+    if not len(rows):
+        return
+    h, c, t = head[rows], codes[rows], ids[rows]
+    if (~np.isfinite(h) | (h > 0)).any():
+        i = rows[np.flatnonzero(~np.isfinite(h) | (h > 0))[0]]
+        _fail(path, f"top-1 log-prob {head[i]} is not a finite value <= 0 at {where(i)}")
+    if (np.diff(c.astype(np.int16), axis=1) < 0).any():
+        i = rows[np.flatnonzero((np.diff(c.astype(np.int16), axis=1) < 0).any(1))[0]]
+        _fail(path, f"top-k log-probs are not sorted by rank at {where(i)}")
+    if vocab and ((t < 0) | (t >= vocab)).any():
+        i = rows[np.flatnonzero(((t < 0) | (t >= vocab)).any(1))[0]]
+        _fail(path, f"top-k id out of range at {where(i)}")
+    if k > 1 and (np.diff(np.sort(t, axis=1), axis=1) == 0).any():
+        i = rows[np.flatnonzero((np.diff(np.sort(t, axis=1), axis=1) == 0).any(1))[0]]
+        _fail(path, f"a top-k id repeats within one row at {where(i)}")
+    decoded = codec.decode_logprobs(h, c)
+    mass = np.exp(decoded.astype(np.float64)).sum(1)
+    if (mass > np.exp(codec.TOLERANCE) + 1e-3).any():
+        i = np.flatnonzero(mass > np.exp(codec.TOLERANCE) + 1e-3)[0]
+        _fail(path, f"top-k probability mass {mass[i]:.4f} exceeds 1 at {where(rows[i])}")
+    # The label (token i+1) must agree with its own entry when it is in the top-k.
+    next_tokens = np.append(tokens[1:], -1)[rows]
+    hit = t == next_tokens[:, None]
+    found = hit.any(1)
+    if found.any():
+        entry = decoded[found][hit[found]]
+        lab = label[rows][found]
+        gap = np.abs(entry - lab)
+        tol = codec.TOLERANCE + 2.0**-10 * (np.abs(lab) + np.abs(h[found])) + 1e-3
+        if (gap > tol).any():
+            j = np.flatnonzero(gap > tol)[0]
+            _fail(path, f"label_logprob {lab[j]:.4f} disagrees with its top-k entry {entry[j]:.4f} at {where(rows[found][j])}")
+        report.label_in_topk += int(found.sum())
+        report.max_label_gap = max(report.max_label_gap, float(gap.max()))
+
+
+__all__ = ["VerifyReport", "verify_cache", "unit_marker"]

@@ -1,0 +1,376 @@
+"""``build_cache``: run the teacher over a dataset once and store its top-k in a cache.
+
+Order of work, each step cheap before the expensive one:
+
+1. read and tokenise the data; the token layout (offsets, units) follows;
+2. hash the inputs into the cache key; a complete cache with that key is
+   returned at once, without loading the teacher;
+3. create the cache (static arrays first) or join the existing one;
+4. for every unit this shard owns and no marker records as done: take each
+   sequence from a complete cache of the same teacher and tokenizer when it
+   holds that example (``reuse``), else score it with the teacher; write the
+   unit's chunks, then its marker;
+5. the writer that finds every unit done marks the cache complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..data import Fields, read_examples
+from ..errors import HPDError
+from ..hashing import chat_template_hash, hash_obj, model_hash, sha256_hex, tokenizer_hash
+from ..progress import Progress
+from . import codec
+from .layout import ATTR, FORMAT_VERSION, CacheStore, Plan, cache_root, create_cache, is_cache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CacheConfig:
+    """Everything ``hpd-tools cache`` takes. Fields that change the content are in the key."""
+
+    teacher: str
+    data: str
+    top_k: int = 64
+    max_length: int = 2048
+    engine: str = "vllm"
+    out: str | None = None
+    shard: tuple[int, int] = (0, 1)
+    dtype: str = "auto"
+    strict: bool = False
+    fields: Fields = field(default_factory=Fields)
+    chunk_tokens: int = 16384
+    batch_tokens: int = 8192
+    reuse: bool = True
+    seed: int = 0
+    engine_args: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        index, count = self.shard
+        if count < 1 or not 0 <= index < count:
+            raise HPDError(f"--shard {index}/{count}: expected I/N with 0 <= I < N")
+        if self.top_k < 1:
+            raise HPDError(f"--top-k {self.top_k}: must be at least 1")
+        if self.max_length < 2:
+            raise HPDError(f"--max-length {self.max_length}: must be at least 2")
+        if self.chunk_tokens < 16:
+            raise HPDError(f"--chunk-tokens {self.chunk_tokens}: must be at least 16")
+        if self.engine not in ("vllm", "hf"):
+            raise HPDError(f"--engine {self.engine}: choose vllm or hf")
+
+
+@dataclass
+class CacheResult:
+    """What a cache run did; the CLI prints it as the summary."""
+
+    location: str
+    key: str
+    complete: bool
+    already_complete: bool
+    sequences: int
+    tokens: int
+    response_tokens: int
+    units_total: int
+    units_computed: int = 0
+    sequences_reused: int = 0
+    tokens_scored: int = 0
+    score_seconds: float = 0.0
+    seconds: float = 0.0
+    data: dict[str, Any] = field(default_factory=dict)
+    bytes_on_disk: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["bytes_per_token"] = round(self.bytes_on_disk / max(self.tokens, 1), 2)
+        out["bytes_per_response_token"] = round(self.bytes_on_disk / max(self.response_tokens, 1), 2)
+        # Teacher throughput while scoring, without model load and data reading.
+        out["tokens_per_second"] = round(self.tokens_scored / self.score_seconds, 1) if self.score_seconds else None
+        return out
+
+
+def _resolve_dtype(dtype: str, engine: str) -> str:
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    # No native bf16 on CPU: vLLM ran ~3x slower in bf16 there (DESIGN.md 5).
+    return "float32" if engine == "hf" or not torch.cuda.is_available() else "auto"
+
+
+def _check_teacher(path: str) -> dict[str, Any]:
+    root = Path(path)
+    if not root.exists():
+        raise HPDError(f"--teacher {path}: no such folder; give a Hugging Face model folder (config.json + weights)")
+    if not (root / "config.json").is_file():
+        raise HPDError(f"--teacher {path}: no config.json there; give a Hugging Face model folder (import a GGUF with `hpd-tools import-gguf`)")
+    return json.loads((root / "config.json").read_text())
+
+
+def _load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # transformers raises many types for a broken folder
+        raise HPDError(f"--teacher {path}: its tokenizer does not load ({type(exc).__name__}: {str(exc).splitlines()[0]})") from None
+
+
+def make_plan(examples: list, chunk_tokens: int) -> Plan:
+    lengths = np.array([len(e.tokens) for e in examples], dtype=np.int64)
+    offsets = np.zeros(len(examples) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    tokens = np.concatenate([e.tokens for e in examples]).astype(np.int32)
+    # Position i trains on token i+1: shift the response flags left by one
+    # within each sequence; the last position of a sequence has no target.
+    loss_mask = np.zeros(len(tokens), dtype=bool)
+    for e, start in zip(examples, offsets[:-1]):
+        loss_mask[start : start + len(e.tokens) - 1] = e.response[1:]
+    ids = np.array([e.example_id for e in examples], dtype=np.uint64)
+    return Plan(tokens=tokens, offsets=offsets, loss_mask=loss_mask, example_ids=ids, chunk_tokens=chunk_tokens)
+
+
+class _Donors:
+    """Complete caches of the same teacher, tokenizer, k and codec, and the examples they hold."""
+
+    def __init__(self, caches: list[CacheStore]):
+        self.caches = caches
+        self.index: dict[int, tuple[int, int]] = {}
+        for c_i, cache in enumerate(caches):
+            for s, eid in enumerate(cache.array("example_id")[:].tolist()):
+                self.index.setdefault(eid, (c_i, s))
+        self._offsets = [c.array("offsets")[:] for c in caches]
+        self._chunks: dict[tuple[int, str, int], np.ndarray] = {}
+
+    @classmethod
+    def find(cls, roots: list[Path], compat: str, exclude: Path) -> "_Donors":
+        found = []
+        for root in dict.fromkeys(roots):
+            if not root.is_dir():
+                continue
+            for path in sorted(root.iterdir()):
+                if path.resolve() == exclude.resolve() or not is_cache(path):
+                    continue
+                try:
+                    cache = CacheStore(path)
+                except HPDError:
+                    continue
+                if cache.complete and cache.attrs.get("compat") == compat:
+                    found.append(cache)
+        return cls(found)
+
+    def _read(self, c_i: int, name: str, start: int, end: int) -> np.ndarray:
+        """Rows [start, end) of an array, decoding each chunk once (a unit reads many
+        short sequences from the same donor chunks)."""
+        cache = self.caches[c_i]
+        size = cache.chunk_tokens
+        parts = []
+        for chunk in range(start // size, (end - 1) // size + 1):
+            key = (c_i, name, chunk)
+            if key not in self._chunks:
+                if len(self._chunks) > 64:
+                    self._chunks.clear()
+                self._chunks[key] = cache.array(name)[chunk * size : (chunk + 1) * size]
+            lo = max(start, chunk * size) - chunk * size
+            hi = min(end, (chunk + 1) * size) - chunk * size
+            parts.append(self._chunks[key][lo:hi])
+        return np.concatenate(parts)
+
+    def lookup(self, eid: int, tokens: np.ndarray) -> tuple[int, int] | None:
+        hit = self.index.get(eid)
+        if hit is None:
+            return None
+        c_i, s = hit
+        d0, d1 = self._offsets[c_i][s], self._offsets[c_i][s + 1]
+        if d1 - d0 != len(tokens) or not np.array_equal(self._read(c_i, "tokens", d0, d1), tokens):
+            return None
+        return c_i, int(d0)
+
+    def rows(self, c_i: int, start: int, end: int) -> dict[str, np.ndarray]:
+        return {name: self._read(c_i, name, start, end) for name in ("label_logprob", "topk_head", "topk_ids", "topk_logprobs")}
+
+
+def _unit_buffers(n: int, k: int, ids_dtype: np.dtype) -> dict[str, np.ndarray]:
+    return {
+        "label_logprob": np.zeros(n, dtype=np.float16),
+        "topk_head": np.zeros(n, dtype=np.float16),
+        "topk_ids": np.zeros((n, k), dtype=ids_dtype),
+        "topk_logprobs": np.zeros((n, k), dtype=np.uint8),
+    }
+
+
+def build_cache(config: CacheConfig) -> CacheResult:
+    """Create or complete the cache for ``config``; see the module docstring."""
+    config.validate()
+    started = time.time()
+    teacher_config = _check_teacher(config.teacher)
+    vocab_size = int(teacher_config.get("vocab_size") or 0)
+    if vocab_size and config.top_k > vocab_size:
+        raise HPDError(f"--top-k {config.top_k}: larger than the teacher's vocabulary ({vocab_size}); use at most {vocab_size}")
+    context = int(teacher_config.get("max_position_embeddings") or 0)
+    if context and config.max_length >= context:
+        raise HPDError(f"--max-length {config.max_length}: the teacher's context is {context} positions (one is kept for the engine); use at most {context - 1}")
+    tokenizer = _load_tokenizer(config.teacher)
+    examples, report = read_examples(config.data, tokenizer, max_length=config.max_length, fields=config.fields, strict=config.strict)
+    for reason, n in report.skipped.items():
+        log.warning("skipped %d row(s) of %s: %s (first rows %s)", n, config.data, reason, report.first_rows[reason])
+    if report.truncated:
+        log.warning("truncated %d record(s) to --max-length %d", report.truncated, config.max_length)
+    dtype = _resolve_dtype(config.dtype, config.engine)
+    plan = make_plan(examples, config.chunk_tokens)
+
+    identity = {
+        "format_version": FORMAT_VERSION,
+        "teacher_hash": model_hash(config.teacher),
+        "tokenizer_hash": tokenizer_hash(tokenizer),
+        "chat_template_hash": chat_template_hash(tokenizer),
+        "top_k": config.top_k,
+        "max_length": config.max_length,
+        "dtype": dtype,
+        "codec": codec.CODEC_VERSION,
+    }
+    compat = hash_obj(identity)
+    fingerprint = sha256_hex(plan.example_ids.tobytes())
+    key = hash_obj({"compat": compat, "data": fingerprint})[:32]
+    out = Path(config.out) if config.out else cache_root() / key
+
+    if is_cache(out):
+        store = CacheStore(out)
+        if store.key != key:
+            raise HPDError(f"--out {out}: holds a cache for other inputs (key {store.key}, these inputs give {key}); choose another --out or remove it")
+    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise HPDError(f"--out {out}: exists and is not an hpd-tools cache; choose an empty or new location")
+    else:
+        attrs = {
+            **identity,
+            "key": key,
+            "compat": compat,
+            "teacher": {"path": str(Path(config.teacher).resolve()), "name": Path(config.teacher).name, "hash": identity["teacher_hash"], "vocab_size": vocab_size},
+            "data": {"path": str(Path(config.data).resolve()), "fingerprint": fingerprint, "report": report.as_dict()},
+            "engine": {"name": config.engine},
+            "codec_spec": codec.describe(),
+            "position_convention": "position i holds the teacher's distribution for token i+1",
+            "chunk_tokens": plan.chunk_tokens,
+            "n_units": plan.n_units,
+            "counts": {"sequences": len(examples), "tokens": plan.n_tokens, "response_tokens": int(plan.loss_mask.sum())},
+            "complete": False,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        store = create_cache(out, plan, attrs, vocab_size or 1 << 31)
+
+    result = CacheResult(
+        location=str(out),
+        key=key,
+        complete=store.complete,
+        already_complete=store.complete,
+        sequences=len(examples),
+        tokens=plan.n_tokens,
+        response_tokens=int(plan.loss_mask.sum()),
+        units_total=store.n_units,
+        data=report.as_dict(),
+    )
+    if not store.complete:
+        # The layout of an existing cache wins over this run's --chunk-tokens.
+        plan = Plan(plan.tokens, plan.offsets, plan.loss_mask, plan.example_ids, store.chunk_tokens)
+        _fill(store, plan, config, dtype, result, roots=[cache_root(), out.parent])
+        result.complete = store.finish_if_done()
+    result.seconds = time.time() - started
+    result.bytes_on_disk = sum(store.bytes_on_disk().values())
+    return result
+
+
+def _fill(store: CacheStore, plan: Plan, config: CacheConfig, dtype: str, result: CacheResult, roots: list[Path]) -> None:
+    index, count = config.shard
+    done = store.done_units()
+    pending = [u for u in range(plan.n_units) if u % count == index and u not in done]
+    if not pending:
+        return
+    donors = _Donors.find(roots, store.attrs["compat"], store.path) if config.reuse else _Donors([])
+    k = store.k
+    ids_dtype = np.dtype(store.array("topk_ids").dtype)
+    teacher = None
+    total = sum(plan.unit_range(u)[1] - plan.unit_range(u)[0] for u in pending)
+    progress = Progress(total=total, unit="tok", desc=f"cache shard {index}/{count}")
+    try:
+        for unit in pending:
+            start, end = plan.unit_range(unit)
+            buffers = _unit_buffers(end - start, k, ids_dtype)
+            jobs = []  # (sequence start, local a, local b, prefix tokens)
+            reused = 0
+            for s in plan.sequences_in(start, end):
+                o0, o1 = int(plan.offsets[s]), int(plan.offsets[s + 1])
+                a, b = max(o0, start) - o0, min(o1, end) - o0
+                seq_tokens = plan.tokens[o0:o1]
+                hit = donors.lookup(int(plan.example_ids[s]), seq_tokens) if donors.caches else None
+                if hit is not None:
+                    c_i, d0 = hit
+                    for name, rows in donors.rows(c_i, d0 + a, d0 + b).items():
+                        buffers[name][o0 + a - start : o0 + b - start] = rows
+                    reused += 1
+                    continue
+                # Rows with a next token: local positions a .. min(b, L-1) - 1.
+                b_label = min(b, o1 - o0 - 1)
+                if b_label > a:
+                    jobs.append((o0, a, b_label, seq_tokens[: b_label + 1]))
+            distortion = {"distortion_sum": 0.0, "distortion_max": 0.0, "topk_rows": 0}
+            if jobs and teacher is None:
+                from ..engines import make_teacher
+
+                progress.note("starting teacher")
+                teacher = make_teacher(config.engine, config.teacher, k=k, max_length=store.attrs["max_length"], dtype=dtype, batch_tokens=config.batch_tokens, seed=config.seed, engine_args=config.engine_args)
+                if teacher.vocab_size < k:
+                    raise HPDError(f"--top-k {k}: larger than the engine's vocabulary ({teacher.vocab_size})")
+                progress.restart_clock()
+            scored_tokens = 0
+            for batch in _batches(jobs, config.batch_tokens):
+                t0 = time.time()
+                scores = teacher.score([j[3] for j in batch], k)
+                result.score_seconds += time.time() - t0
+                for (o0, a, b, prefix), sc in zip(batch, scores):
+                    lo, hi = o0 + a - start, o0 + b - start
+                    buffers["label_logprob"][lo:hi] = sc.label_logprob[a:b]
+                    mask = plan.loss_mask[o0 + a : o0 + b]
+                    exact = sc.topk_logprobs[a:b][mask]
+                    head, codes = codec.encode_logprobs(exact)
+                    rows = np.flatnonzero(mask) + lo
+                    buffers["topk_head"][rows] = head
+                    buffers["topk_logprobs"][rows] = codes
+                    buffers["topk_ids"][rows] = sc.topk_ids[a:b][mask]
+                    if len(exact):
+                        d = codec.kl_distortion(exact, codec.decode_logprobs(head, codes))
+                        distortion["distortion_sum"] += float(d.sum())
+                        distortion["distortion_max"] = max(distortion["distortion_max"], float(d.max()))
+                        distortion["topk_rows"] += int(len(exact))
+                    scored_tokens += len(prefix)
+                progress.update(sum(b - a for _, a, b, _ in batch))
+            progress.update((end - start) - sum(b - a for _, a, b, _ in jobs), count_rate=False)
+            store.write_unit(unit, buffers, {"unit": unit, "sequences_reused": reused, "tokens_scored": scored_tokens, **distortion})
+            result.units_computed += 1
+            result.sequences_reused += reused
+            result.tokens_scored += scored_tokens
+    finally:
+        progress.close()
+        if teacher is not None:
+            teacher.close()
+
+
+def _batches(jobs: list, budget: int) -> list[list]:
+    batches: list[list] = []
+    size = 0
+    for job in jobs:
+        if batches and size + len(job[3]) <= budget:
+            batches[-1].append(job)
+            size += len(job[3])
+        else:
+            batches.append([job])
+            size = len(job[3])
+    return batches

@@ -1,0 +1,252 @@
+"""The ``hpd-tools`` command: parses options, builds a config, calls the library."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from .errors import HPDError
+
+log = logging.getLogger("hpd_tools")
+
+DEFAULT_TEACHER = "smollm2-135m-instruct"
+DEFAULT_DATA = "data/instructions/train.jsonl"
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+    # vLLM's INFO output buries the progress line; its warnings still show.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "DEBUG" if verbose else "WARNING")
+    for name in ("httpx", "datasets", "filelock", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _finish(code: int) -> None:
+    """Exit with ``code``. After vLLM has run, skip interpreter teardown: vLLM can
+    abort there (DESIGN.md section 5) and turn a finished run into a failure."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if "vllm" in sys.modules:
+        os._exit(code)
+    sys.exit(code)
+
+
+def _run(fn: Callable[[], Any]) -> None:
+    try:
+        fn()
+    except HPDError as exc:
+        click.echo(f"error: {exc}", err=True)
+        _finish(2)
+    except KeyboardInterrupt:
+        click.echo("interrupted; rerun the same command to continue where it stopped", err=True)
+        _finish(130)
+    _finish(0)
+
+
+def _parse_shard(value: str) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: expected I/N, e.g. 0/4") from None
+    if count < 1 or not 0 <= index < count:
+        raise click.BadParameter(f"{value!r}: expected I/N with 0 <= I < N")
+    return index, count
+
+
+def _parse_engine_args(values: tuple[str, ...]) -> dict[str, Any]:
+    args = {}
+    for item in values:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--vllm-arg")
+        try:
+            args[key.replace("-", "_")] = json.loads(raw)
+        except json.JSONDecodeError:
+            args[key.replace("-", "_")] = raw
+    return args
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging (also vLLM's).")
+@click.version_option(package_name="hpd-tools")
+def main(verbose: bool) -> None:
+    """Distill large language models: cache a teacher's top-k log-probs once, train students from the cache."""
+    _setup_logging(verbose)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    data = summary["data"]
+    lines = [
+        f"cache: {'complete' if summary['complete'] else 'INCOMPLETE'} at {summary['location']}",
+        f"  key {summary['key']}",
+        f"  {summary['sequences']} sequences, {summary['tokens']} tokens ({summary['response_tokens']} response tokens)",
+        f"  units computed {summary['units_computed']}/{summary['units_total']}, sequences reused from other caches {summary['sequences_reused']}",
+        f"  rows read {data['rows']}, kept {data['kept']}, truncated {data['truncated']}",
+    ]
+    for reason, info in data["skipped"].items():
+        lines.append(f"  skipped {info['count']}: {reason} (first rows {info['first_rows']})")
+    rate = f", {summary['tokens_per_second']:,.0f} tokens/s" if summary["tokens_per_second"] else ""
+    lines.append(f"  {summary['bytes_on_disk']:,} bytes on disk, {summary['bytes_per_token']} bytes/token, {summary['bytes_per_response_token']} bytes/response token")
+    lines.append(f"  {summary['seconds']:.1f} s{rate}" + (" (already complete: no teacher work)" if summary["already_complete"] else ""))
+    click.echo("\n".join(lines), err=True)
+
+
+@main.command()
+@click.option("--teacher", default=DEFAULT_TEACHER, show_default=True, help="Teacher model folder, or the packaged teacher's name.")
+@click.option("--data", "data_path", default=DEFAULT_DATA, show_default=True, type=click.Path(path_type=str), help="JSONL, JSON, Parquet or a saved `datasets` folder.")
+@click.option("--top-k", default=64, show_default=True, help="Teacher top-k entries stored per response token.")
+@click.option("--max-length", default=2048, show_default=True, help="Records longer than this many tokens are truncated.")
+@click.option("--engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True, help="vllm (fast) or hf (transformers, the reference).")
+@click.option("--out", default=None, help="Cache location. Default: the cache root ($HPD_CACHE_HOME), named by the cache key.")
+@click.option("--shard", default="0/1", show_default=True, help="I/N: this writer fills units u with u mod N == I; N writers fill one cache.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True, help="Teacher dtype (auto: float32 on CPU, the model's dtype on GPU).")
+@click.option("--strict", is_flag=True, help="Stop at the first bad record instead of skipping it.")
+@click.option("--chunk-tokens", default=16384, show_default=True, help="Positions per chunk: the unit of writing, resuming and sharding.")
+@click.option("--batch-tokens", default=8192, show_default=True, help="Tokens per teacher call.")
+@click.option("--no-reuse", is_flag=True, help="Score every record, even those another cache of this teacher already holds.")
+@click.option("--messages-field", default="messages", show_default=True)
+@click.option("--prompt-field", default="prompt", show_default=True)
+@click.option("--response-field", default="response", show_default=True)
+@click.option("--vllm-arg", multiple=True, help="KEY=VALUE passed to vllm.LLM (e.g. tensor_parallel_size=8). Repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout instead of the location.")
+def cache(teacher: str, data_path: str, top_k: int, max_length: int, engine: str, out: str | None, shard: str, dtype: str, strict: bool, chunk_tokens: int, batch_tokens: int, no_reuse: bool, messages_field: str, prompt_field: str, response_field: str, vllm_arg: tuple[str, ...], as_json: bool) -> None:
+    """Run the teacher over a dataset once and store its top-k log-probs in a cache.
+
+    Prints the cache location. Rerunning the same command reuses a complete
+    cache and continues an interrupted one.
+    """
+    from .cache import CacheConfig, build_cache
+    from .data import Fields
+    from .models import resolve_teacher
+
+    def go() -> None:
+        config = CacheConfig(
+            teacher=resolve_teacher(teacher),
+            data=data_path,
+            top_k=top_k,
+            max_length=max_length,
+            engine=engine,
+            out=out,
+            shard=_parse_shard(shard),
+            dtype=dtype,
+            strict=strict,
+            fields=Fields(messages=messages_field, prompt=prompt_field, response=response_field),
+            chunk_tokens=chunk_tokens,
+            batch_tokens=batch_tokens,
+            reuse=not no_reuse,
+            engine_args=_parse_engine_args(vllm_arg),
+        )
+        summary = build_cache(config).summary()
+        _print_summary(summary)
+        click.echo(json.dumps(summary, indent=2) if as_json else summary["location"])
+
+    _run(go)
+
+
+@main.command()
+@click.argument("cache_path")
+def info(cache_path: str) -> None:
+    """Attributes and stats of a cache, as JSON."""
+    from .cache import cache_info
+
+    _run(lambda: click.echo(json.dumps(cache_info(cache_path), indent=2)))
+
+
+@main.command()
+@click.argument("cache_path")
+def verify(cache_path: str) -> None:
+    """Read every chunk and check it against the cache contract (exit 1 on a violation)."""
+    from .cache import verify_cache
+    from .errors import CacheCorruptError
+
+    def go() -> None:
+        try:
+            report = verify_cache(cache_path)
+        except CacheCorruptError as exc:
+            click.echo(f"verify failed: {exc}", err=True)
+            _finish(1)
+        click.echo(json.dumps(report.as_dict(), indent=2))
+        if not report.complete:
+            click.echo(f"verify: cache is incomplete ({report.units_checked}/{report.units_total} units written, all of them valid); rerun the cache command to finish it", err=True)
+            _finish(1)
+        click.echo(f"ok: {report.units_checked} units, {report.positions} positions", err=True)
+
+    _run(go)
+
+
+@main.command(name="list")
+@click.option("--root", default=None, help="Cache root (default: $HPD_CACHE_HOME or the user cache dir).")
+@click.option("--json", "as_json", is_flag=True)
+def list_(root: str | None, as_json: bool) -> None:
+    """The caches under the cache root."""
+    from .cache import list_caches
+
+    def go() -> None:
+        rows = list_caches(root)
+        if as_json:
+            click.echo(json.dumps(rows, indent=2))
+            return
+        click.echo(f"{'key':<32}  {'teacher':<24} {'k':>4} {'tokens':>10} {'size':>10}  {'state':<10} data")
+        for r in rows:
+            click.echo(f"{r['key']:<32}  {r['teacher'][:24]:<24} {r['k']:>4} {r['tokens']:>10} {_size(r['bytes']):>10}  {'complete' if r['complete'] else 'partial':<10} {r['data']}")
+
+    _run(go)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@main.command(name="import-gguf")
+@click.argument("gguf", required=False)
+@click.option("--out", required=False, help="Output folder (default: under the cache root).")
+def import_gguf_cmd(gguf: str | None, out: str | None) -> None:
+    """Convert a GGUF teacher to a Hugging Face folder that transformers and vLLM load.
+
+    Without GGUF, imports the packaged SmolLM2-135M-Instruct.
+    """
+    from .models import default_teacher_dir, import_gguf, packaged_gguf
+
+    def go() -> None:
+        source = Path(gguf) if gguf else packaged_gguf()
+        target = Path(out) if out else default_teacher_dir().parent / (source.stem.split(".")[0].lower() if gguf else DEFAULT_TEACHER)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        click.echo(str(import_gguf(source, target)))
+
+    _run(go)
+
+
+@main.command()
+@click.option("--data", "data_path", default=DEFAULT_DATA, show_default=True)
+@click.option("--engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True)
+def demo(data_path: str, engine: str) -> None:
+    """The embedded default job: import the packaged teacher, cache the bundled data, verify it."""
+    from .cache import CacheConfig, build_cache, cache_info, verify_cache
+    from .models import resolve_teacher
+
+    def go() -> None:
+        teacher = resolve_teacher(DEFAULT_TEACHER)
+        click.echo(f"teacher: {teacher}", err=True)
+        summary = build_cache(CacheConfig(teacher=teacher, data=data_path, engine=engine)).summary()
+        _print_summary(summary)
+        report = verify_cache(summary["location"])
+        info_ = cache_info(summary["location"])
+        click.echo(f"verify: ok ({report.units_checked} units, {report.label_in_topk} labels checked against their top-k entry)", err=True)
+        click.echo(f"storage: {info_['bytes_per_response_token']} bytes/response token, mean |KL distortion| {info_['mean_abs_kl_distortion']:.2e} nats", err=True)
+        click.echo(summary["location"])
+
+    _run(go)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,157 @@
+"""vLLM teacher: in-process ``LLM`` scoring prompts with ``prompt_logprobs=k``.
+
+vLLM returns, for every prompt position after the first, the actual token's
+log-prob followed by the top-k (id, log-prob) pairs by rank. By default it
+turns them into Python objects per entry; at k=64 that conversion is a
+measurable part of the cost (DESIGN.md section 5), so this engine keeps the
+engine's tensors as numpy arrays instead (``tensor_logprobs=True``). That
+hooks one method of vLLM's output processor, only while this engine's
+requests run; when the installed vLLM does not have that method, or
+``HPD_VLLM_TENSOR_LOGPROBS=0`` is set, the engine reads the public
+``FlatLogprobs`` output instead, and the tests check both paths agree exactly.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .base import Scored
+
+log = logging.getLogger(__name__)
+
+
+def _on_cpu() -> bool:
+    return not torch.cuda.is_available()
+
+
+class _TensorChunks(list):
+    """prompt_logprobs kept as [(token_ids, logprobs)] numpy chunks, one per prefill chunk."""
+
+
+def _install_tensor_logprobs() -> bool:
+    try:
+        from vllm.v1.engine.logprobs import LogprobsProcessor
+    except ImportError:
+        return False
+    if hasattr(LogprobsProcessor, "_hpd_tensor_mode"):
+        return True
+    original = getattr(LogprobsProcessor, "_update_prompt_logprobs", None)
+    if original is None:
+        return False
+
+    def update(self: Any, tensors: Any) -> None:
+        if not LogprobsProcessor._hpd_tensor_mode:
+            return original(self, tensors)
+        token_ids, logprobs = tensors[0], tensors[1]
+        if not isinstance(self.prompt_logprobs, _TensorChunks):
+            self.prompt_logprobs = _TensorChunks()
+        self.prompt_logprobs.append((token_ids.numpy().copy(), logprobs.numpy().copy()))
+
+    LogprobsProcessor._update_prompt_logprobs = update
+    LogprobsProcessor._hpd_tensor_mode = False
+    return True
+
+
+def _from_flat(prompt_logprobs: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """FlatLogprobs (public API) -> ids, logprobs of shape [m-1, k+1]."""
+    starts = np.asarray(prompt_logprobs.start_indices)
+    ends = np.asarray(prompt_logprobs.end_indices)
+    first = int(starts[1]) if len(starts) > 1 else 0
+    if not np.all(ends[1:] - starts[1:] == k + 1):
+        raise RuntimeError("vLLM returned a varying number of prompt log-probs per position")
+    ids = np.asarray(prompt_logprobs.token_ids[first:], dtype=np.int64).reshape(-1, k + 1)
+    lps = np.asarray(prompt_logprobs.logprobs[first:], dtype=np.float32).reshape(-1, k + 1)
+    return ids, lps
+
+
+class VLLMTeacher:
+    """In-process vLLM engine sized for scoring.
+
+    On a CPU-only machine it runs the engine core in this process
+    (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), which doubles throughput on a few
+    cores, and uses float32 (no native bf16). ``engine_args`` pass through to
+    ``vllm.LLM`` (tensor_parallel_size, gpu_memory_utilization, ...).
+    """
+
+    name = "vllm"
+
+    def __init__(
+        self,
+        model_dir: str,
+        *,
+        k: int,
+        max_length: int,
+        dtype: str = "auto",
+        seed: int = 0,
+        tensor_logprobs: bool = True,
+        engine_args: dict[str, Any] | None = None,
+    ):
+        if _on_cpu():
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+            if dtype == "auto":
+                dtype = "float32"
+        import vllm
+        from vllm import LLM
+
+        self.version = vllm.__version__
+        tensor_logprobs = tensor_logprobs and os.environ.get("HPD_VLLM_TENSOR_LOGPROBS", "1") != "0"
+        self.tensor_logprobs = tensor_logprobs and _install_tensor_logprobs()
+        args: dict[str, Any] = dict(
+            model=model_dir,
+            dtype=dtype,
+            max_logprobs=k,
+            max_model_len=max_length + 1,
+            seed=seed,
+            enable_prefix_caching=False,
+        )
+        args.update(engine_args or {})
+        self.llm = LLM(**args)
+        self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
+
+    def score(self, sequences: Sequence[np.ndarray], k: int) -> list[Scored]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=k, flat_logprobs=True, detokenize=False)
+        prompts = [TokensPrompt(prompt_token_ids=np.asarray(s).tolist()) for s in sequences]
+        if self.tensor_logprobs:
+            from vllm.v1.engine.logprobs import LogprobsProcessor
+
+            LogprobsProcessor._hpd_tensor_mode = True
+        try:
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            if self.tensor_logprobs:
+                LogprobsProcessor._hpd_tensor_mode = False
+        scored = []
+        for seq, out in zip(sequences, outputs):
+            plp = out.prompt_logprobs
+            if isinstance(plp, _TensorChunks):
+                ids = np.concatenate([c[0] for c in plp]).astype(np.int64, copy=False)
+                lps = np.concatenate([c[1] for c in plp]).astype(np.float32, copy=False)
+            else:
+                ids, lps = _from_flat(plp, k)
+            if len(ids) != len(seq) - 1 or not np.array_equal(ids[:, 0], np.asarray(seq[1:])):
+                raise RuntimeError("vLLM prompt log-probs do not line up with the prompt tokens")
+            scored.append(Scored(lps[:, 0].copy(), ids[:, 1:].copy(), lps[:, 1:].copy()))
+        return scored
+
+    def close(self) -> None:
+        """Shut the engine down explicitly; vLLM can abort at interpreter exit otherwise."""
+        llm = getattr(self, "llm", None)
+        if llm is None:
+            return
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception as exc:  # shutting down must not turn a finished run into a failure
+            log.debug("vLLM shutdown: %s", exc)
+        self.llm = None
+        del llm
+        gc.collect()

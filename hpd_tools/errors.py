@@ -1,0 +1,20 @@
+"""Errors a user can cause. The CLI prints them as one line and exits with code 2."""
+
+
+class HPDError(Exception):
+    """A problem with the user's input or environment, not a bug.
+
+    The message is one line: what was wrong, where, and what to do.
+    """
+
+
+class DataError(HPDError):
+    """A record of the input data is unusable (malformed, missing fields, empty)."""
+
+
+class CacheError(HPDError):
+    """A path or URL does not hold a usable cache."""
+
+
+class CacheCorruptError(CacheError):
+    """A cache's stored content violates the cache contract (found by ``verify``)."""

