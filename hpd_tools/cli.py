@@ -21,10 +21,11 @@ DEFAULT_DATA = "data/instructions/train.jsonl"
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
-    # vLLM's INFO output buries the progress line; its warnings still show.
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "DEBUG" if verbose else "WARNING")
-    for name in ("httpx", "datasets", "filelock", "urllib3"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    # vLLM logs to stdout with its own handlers; stdout is for results (the cache
+    # location), so route vLLM through our stderr handler, warnings only.
+    os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+    for name in ("vllm", "httpx", "datasets", "filelock", "urllib3"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose and name == "vllm" else logging.WARNING)
 
 
 def _finish(code: int) -> None:
@@ -49,7 +50,7 @@ def _run(fn: Callable[[], Any]) -> None:
     _finish(0)
 
 
-def _parse_shard(value: str) -> tuple[int, int]:
+def _parse_shard(ctx: click.Context | None, param: click.Parameter | None, value: str) -> tuple[int, int]:
     try:
         index, count = (int(x) for x in value.split("/"))
     except ValueError:
@@ -104,7 +105,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 @click.option("--max-length", default=2048, show_default=True, help="Records longer than this many tokens are truncated.")
 @click.option("--engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True, help="vllm (fast) or hf (transformers, the reference).")
 @click.option("--out", default=None, help="Cache location. Default: the cache root ($HPD_CACHE_HOME), named by the cache key.")
-@click.option("--shard", default="0/1", show_default=True, help="I/N: this writer fills units u with u mod N == I; N writers fill one cache.")
+@click.option("--shard", default="0/1", show_default=True, callback=_parse_shard, help="I/N: this writer fills units u with u mod N == I; N writers fill one cache.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True, help="Teacher dtype (auto: float32 on CPU, the model's dtype on GPU).")
 @click.option("--strict", is_flag=True, help="Stop at the first bad record instead of skipping it.")
 @click.option("--chunk-tokens", default=16384, show_default=True, help="Positions per chunk: the unit of writing, resuming and sharding.")
@@ -115,7 +116,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
 @click.option("--response-field", default="response", show_default=True)
 @click.option("--vllm-arg", multiple=True, help="KEY=VALUE passed to vllm.LLM (e.g. tensor_parallel_size=8). Repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout instead of the location.")
-def cache(teacher: str, data_path: str, top_k: int, max_length: int, engine: str, out: str | None, shard: str, dtype: str, strict: bool, chunk_tokens: int, batch_tokens: int, no_reuse: bool, messages_field: str, prompt_field: str, response_field: str, vllm_arg: tuple[str, ...], as_json: bool) -> None:
+def cache(teacher: str, data_path: str, top_k: int, max_length: int, engine: str, out: str | None, shard: tuple[int, int], dtype: str, strict: bool, chunk_tokens: int, batch_tokens: int, no_reuse: bool, messages_field: str, prompt_field: str, response_field: str, vllm_arg: tuple[str, ...], as_json: bool) -> None:
     """Run the teacher over a dataset once and store its top-k log-probs in a cache.
 
     Prints the cache location. Rerunning the same command reuses a complete
@@ -133,7 +134,7 @@ def cache(teacher: str, data_path: str, top_k: int, max_length: int, engine: str
             max_length=max_length,
             engine=engine,
             out=out,
-            shard=_parse_shard(shard),
+            shard=shard,
             dtype=dtype,
             strict=strict,
             fields=Fields(messages=messages_field, prompt=prompt_field, response=response_field),

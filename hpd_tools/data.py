@@ -202,8 +202,12 @@ class Tokenise:
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            head = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
             full = render(messages[: i + 1], tokenize=False)
+            if i:
+                head = render(messages[:i], tokenize=False, add_generation_prompt=True)
+            else:  # a conversation that opens with the assistant: its header is prompt
+                at = full.find(m["content"])
+                head = full[:at] if at >= 0 else ""
             if not head.startswith(done) or not full.startswith(head):
                 raise _BadRow("the chat template does not render turns as prefixes of each other")
             turn = full[len(head):]

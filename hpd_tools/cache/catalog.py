@@ -30,6 +30,7 @@ def cache_info(path: str | Path) -> dict[str, Any]:
         "bytes_per_response_token": round(total / max(counts["response_tokens"], 1), 2),
         "bytes_by_array": sizes,
         "mean_abs_kl_distortion": (attrs.get("quality") or {}).get("mean_abs_kl_distortion"),
+        "mean_weighted_abs_logprob_error": (attrs.get("quality") or {}).get("mean_weighted_abs_logprob_error"),
         "attributes": attrs,
     }
 

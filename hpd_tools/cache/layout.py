@@ -172,6 +172,7 @@ class CacheStore:
         attrs["quality"] = {
             "mean_abs_kl_distortion": distortion_sum / max(topk_rows, 1),
             "max_abs_kl_distortion": max((m["distortion_max"] for m in markers), default=0.0),
+            "mean_weighted_abs_logprob_error": sum(m["weighted_abs_error_sum"] for m in markers) / max(topk_rows, 1),
             "topk_rows": topk_rows,
         }
         attrs["completed_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -298,6 +298,7 @@ def _fill(store: CacheStore, plan: Plan, config: CacheConfig, dtype: str, result
     k = store.k
     ids_dtype = np.dtype(store.array("topk_ids").dtype)
     teacher = None
+    reused_sequences: set[int] = set()
     total = sum(plan.unit_range(u)[1] - plan.unit_range(u)[0] for u in pending)
     progress = Progress(total=total, unit="tok", desc=f"cache shard {index}/{count}")
     try:
@@ -316,12 +317,13 @@ def _fill(store: CacheStore, plan: Plan, config: CacheConfig, dtype: str, result
                     for name, rows in donors.rows(c_i, d0 + a, d0 + b).items():
                         buffers[name][o0 + a - start : o0 + b - start] = rows
                     reused += 1
+                    reused_sequences.add(s)
                     continue
                 # Rows with a next token: local positions a .. min(b, L-1) - 1.
                 b_label = min(b, o1 - o0 - 1)
                 if b_label > a:
                     jobs.append((o0, a, b_label, seq_tokens[: b_label + 1]))
-            distortion = {"distortion_sum": 0.0, "distortion_max": 0.0, "topk_rows": 0}
+            distortion = {"distortion_sum": 0.0, "distortion_max": 0.0, "weighted_abs_error_sum": 0.0, "topk_rows": 0}
             if jobs and teacher is None:
                 from ..engines import make_teacher
 
@@ -346,8 +348,9 @@ def _fill(store: CacheStore, plan: Plan, config: CacheConfig, dtype: str, result
                     buffers["topk_logprobs"][rows] = codes
                     buffers["topk_ids"][rows] = sc.topk_ids[a:b][mask]
                     if len(exact):
-                        d = codec.kl_distortion(exact, codec.decode_logprobs(head, codes))
+                        d, w = codec.kl_distortion(exact, codec.decode_logprobs(head, codes))
                         distortion["distortion_sum"] += float(d.sum())
+                        distortion["weighted_abs_error_sum"] += float(w.sum())
                         distortion["distortion_max"] = max(distortion["distortion_max"], float(d.max()))
                         distortion["topk_rows"] += int(len(exact))
                     scored_tokens += len(prefix)
@@ -355,7 +358,7 @@ def _fill(store: CacheStore, plan: Plan, config: CacheConfig, dtype: str, result
             progress.update((end - start) - sum(b - a for _, a, b, _ in jobs), count_rate=False)
             store.write_unit(unit, buffers, {"unit": unit, "sequences_reused": reused, "tokens_scored": scored_tokens, **distortion})
             result.units_computed += 1
-            result.sequences_reused += reused
+            result.sequences_reused = len(reused_sequences)
             result.tokens_scored += scored_tokens
     finally:
         progress.close()

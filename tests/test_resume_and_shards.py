@@ -1,0 +1,100 @@
+"""Crash safety and shared writing, with real processes: a writer killed with
+SIGKILL and resumed, and several shard writers filling one cache."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import train_records, write_jsonl
+from hpd_tools import build_cache, cache_info, verify_cache
+from test_cache import arrays, assert_same_content, config
+
+CLI = str(Path(sys.executable).parent / "hpd-tools")
+
+
+def variants(n_copies: int) -> list[dict]:
+    """Distinct records (distinct example ids) built from the bundled data."""
+    out = []
+    for copy in range(n_copies):
+        for r in train_records():
+            messages = [dict(m) for m in r["messages"]]
+            messages[0]["content"] += f" (variant {copy})"
+            out.append({"messages": messages})
+    return out
+
+
+def cache_cmd(teacher: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return [CLI, "cache", "--engine", "hf", "--teacher", str(teacher), "--data", str(data), "--out", str(out),
+            "--top-k", "16", "--max-length", "512", "--chunk-tokens", "512", "--batch-tokens", "1024", *extra]
+
+
+def markers(out: Path) -> int:
+    folder = out / "progress"
+    return len(list(folder.glob("unit-*.json"))) if folder.is_dir() else 0
+
+
+def test_killed_writer_resumes_to_identical_cache(teacher, tmp_path):
+    data = write_jsonl(tmp_path / "big.jsonl", variants(4))
+    out = tmp_path / "cache"
+    proc = subprocess.Popen(cache_cmd(teacher, data, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while markers(out) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    done_before = markers(out)
+    total = cache_info(out)["units_total"]
+    assert 3 <= done_before < total, "the writer must be killed mid-run"
+    assert not cache_info(out)["complete"]
+
+    resumed = subprocess.run(cache_cmd(teacher, data, out), capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.strip() == str(out)
+    assert f"units computed {total - done_before}/{total}" in resumed.stderr
+
+    reference = build_cache(config(teacher, data, out=str(tmp_path / "ref"), chunk_tokens=512, batch_tokens=1024, reuse=False))
+    assert_same_content(arrays(out), arrays(reference.location), exact=True)
+    report = verify_cache(out)
+    assert report.complete and report.positions == reference.tokens
+
+
+def test_concurrent_shard_writers_fill_one_cache(teacher, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", variants(1)[:80])
+    out = tmp_path / "shared"
+    procs = [subprocess.Popen(cache_cmd(teacher, data, out, "--shard", f"{i}/3"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(3)]
+    results = [p.communicate(timeout=600) for p in procs]
+    for p, (stdout, stderr) in zip(procs, results):
+        assert p.returncode == 0, stderr
+        assert stdout.strip() == str(out)
+    info = cache_info(out)
+    assert info["complete"] and info["units_done"] == info["units_total"]
+    reference = build_cache(config(teacher, data, out=str(tmp_path / "ref"), chunk_tokens=512, batch_tokens=1024, reuse=False))
+    assert_same_content(arrays(out), arrays(reference.location), exact=True)
+    assert verify_cache(out).complete
+
+
+def test_shards_one_after_another_complete_with_the_last(teacher, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", train_records(40))
+    out = str(tmp_path / "seq")
+    first = build_cache(config(teacher, data, out=out, shard=(1, 2)))
+    assert not first.complete and 0 < first.units_computed < first.units_total
+    report = verify_cache(out)
+    assert not report.complete and report.units_checked == first.units_computed
+    second = build_cache(config(teacher, data, out=out, shard=(0, 2)))
+    assert second.complete and first.units_computed + second.units_computed == second.units_total
+    reference = build_cache(config(teacher, data, out=str(tmp_path / "ref"), reuse=False))
+    assert_same_content(arrays(out), arrays(reference.location), exact=True)
+
+
+@pytest.mark.parametrize("spec", ["2/2", "-1/2", "x"])
+def test_bad_shard_spec(teacher, tmp_path, spec):
+    data = write_jsonl(tmp_path / "d.jsonl", train_records(2))
+    proc = subprocess.run(cache_cmd(teacher, data, tmp_path / "c", "--shard", spec), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--shard" in proc.stderr and "Traceback" not in proc.stderr
