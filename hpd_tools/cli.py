@@ -98,51 +98,61 @@ def _print_summary(summary: dict[str, Any]) -> None:
     click.echo("\n".join(lines), err=True)
 
 
+def _explicit(ctx: click.Context) -> dict[str, Any]:
+    """Options given on the command line (not defaults): they override a --config file."""
+    from click.core import ParameterSource
+
+    return {name: value for name, value in ctx.params.items() if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+
+
 @main.command()
+@click.option("--config", "config_path", default=None, help="YAML recipe with CacheConfig fields; options given here override it.")
 @click.option("--teacher", default=DEFAULT_TEACHER, show_default=True, help="Teacher model folder, or the packaged teacher's name.")
-@click.option("--data", "data_path", default=DEFAULT_DATA, show_default=True, type=click.Path(path_type=str), help="JSONL, JSON, Parquet or a saved `datasets` folder.")
+@click.option("--data", default=DEFAULT_DATA, show_default=True, help="JSONL, JSON, Parquet or a saved `datasets` folder.")
 @click.option("--top-k", default=64, show_default=True, help="Teacher top-k entries stored per response token.")
 @click.option("--max-length", default=2048, show_default=True, help="Records longer than this many tokens are truncated.")
 @click.option("--engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True, help="vllm (fast) or hf (transformers, the reference).")
 @click.option("--out", default=None, help="Cache location. Default: the cache root ($HPD_CACHE_HOME), named by the cache key.")
 @click.option("--shard", default="0/1", show_default=True, callback=_parse_shard, help="I/N: this writer fills units u with u mod N == I; N writers fill one cache.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True, help="Teacher dtype (auto: float32 on CPU, the model's dtype on GPU).")
-@click.option("--strict", is_flag=True, help="Stop at the first bad record instead of skipping it.")
+@click.option("--strict", is_flag=True, default=False, help="Stop at the first bad record instead of skipping it.")
 @click.option("--chunk-tokens", default=16384, show_default=True, help="Positions per chunk: the unit of writing, resuming and sharding.")
 @click.option("--batch-tokens", default=8192, show_default=True, help="Tokens per teacher call.")
-@click.option("--no-reuse", is_flag=True, help="Score every record, even those another cache of this teacher already holds.")
+@click.option("--no-reuse", is_flag=True, default=False, help="Score every record, even those another cache of this teacher already holds.")
 @click.option("--messages-field", default="messages", show_default=True)
 @click.option("--prompt-field", default="prompt", show_default=True)
 @click.option("--response-field", default="response", show_default=True)
 @click.option("--vllm-arg", multiple=True, help="KEY=VALUE passed to vllm.LLM (e.g. tensor_parallel_size=8). Repeatable.")
+@click.option("--seed", default=0, show_default=True, help="Engine seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout instead of the location.")
-def cache(teacher: str, data_path: str, top_k: int, max_length: int, engine: str, out: str | None, shard: tuple[int, int], dtype: str, strict: bool, chunk_tokens: int, batch_tokens: int, no_reuse: bool, messages_field: str, prompt_field: str, response_field: str, vllm_arg: tuple[str, ...], as_json: bool) -> None:
+@click.pass_context
+def cache(ctx: click.Context, config_path: str | None, as_json: bool, **_: Any) -> None:
     """Run the teacher over a dataset once and store its top-k log-probs in a cache.
 
     Prints the cache location. Rerunning the same command reuses a complete
     cache and continues an interrupted one.
     """
     from .cache import CacheConfig, build_cache
-    from .data import Fields
+    from .config import build, load_yaml
     from .models import resolve_teacher
 
     def go() -> None:
-        config = CacheConfig(
-            teacher=resolve_teacher(teacher),
-            data=data_path,
-            top_k=top_k,
-            max_length=max_length,
-            engine=engine,
-            out=out,
-            shard=shard,
-            dtype=dtype,
-            strict=strict,
-            fields=Fields(messages=messages_field, prompt=prompt_field, response=response_field),
-            chunk_tokens=chunk_tokens,
-            batch_tokens=batch_tokens,
-            reuse=not no_reuse,
-            engine_args=_parse_engine_args(vllm_arg),
-        )
+        values = load_yaml(config_path) if config_path else {}
+        given = _explicit(ctx)
+        given.pop("config_path", None)
+        given.pop("as_json", None)
+        fields = {k.removesuffix("_field"): given.pop(k) for k in ("messages_field", "prompt_field", "response_field") if k in given}
+        if fields:
+            values["fields"] = {**values.get("fields", {}), **fields}
+        if "no_reuse" in given:
+            values["reuse"] = not given.pop("no_reuse")
+        if "vllm_arg" in given:
+            values["engine_args"] = {**values.get("engine_args", {}), **_parse_engine_args(given.pop("vllm_arg"))}
+        values.update(given)
+        values.setdefault("teacher", DEFAULT_TEACHER)
+        values.setdefault("data", DEFAULT_DATA)
+        config = build(CacheConfig, values, where=f"--config {config_path}" if config_path else "cache options")
+        config.teacher = resolve_teacher(config.teacher)
         summary = build_cache(config).summary()
         _print_summary(summary)
         click.echo(json.dumps(summary, indent=2) if as_json else summary["location"])

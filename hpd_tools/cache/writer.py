@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..data import Fields, read_examples
+from ..engines.base import TeacherEngine
 from ..errors import HPDError
 from ..hashing import chat_template_hash, hash_obj, model_hash, sha256_hex, tokenizer_hash
 from ..progress import Progress
@@ -208,8 +209,13 @@ def _unit_buffers(n: int, k: int, ids_dtype: np.dtype) -> dict[str, np.ndarray]:
     }
 
 
-def build_cache(config: CacheConfig) -> CacheResult:
-    """Create or complete the cache for ``config``; see the module docstring."""
+def build_cache(config: CacheConfig, teacher: TeacherEngine | None = None) -> CacheResult:
+    """Create or complete the cache for ``config``; see the module docstring.
+
+    ``teacher``: an engine already running (kept open afterwards), to score
+    several datasets without reloading the model; by default one is started
+    when there is teacher work and closed at the end.
+    """
     config.validate()
     started = time.time()
     teacher_config = _check_teacher(config.teacher)
@@ -281,14 +287,14 @@ def build_cache(config: CacheConfig) -> CacheResult:
     if not store.complete:
         # The layout of an existing cache wins over this run's --chunk-tokens.
         plan = Plan(plan.tokens, plan.offsets, plan.loss_mask, plan.example_ids, store.chunk_tokens)
-        _fill(store, plan, config, dtype, result, roots=[cache_root(), out.parent])
+        _fill(store, plan, config, dtype, result, roots=[cache_root(), out.parent], teacher=teacher)
         result.complete = store.finish_if_done()
     result.seconds = time.time() - started
     result.bytes_on_disk = sum(store.bytes_on_disk().values())
     return result
 
 
-def _fill(store: CacheStore, plan: Plan, config: CacheConfig, dtype: str, result: CacheResult, roots: list[Path]) -> None:
+def _fill(store: CacheStore, plan: Plan, config: CacheConfig, dtype: str, result: CacheResult, roots: list[Path], teacher: TeacherEngine | None) -> None:
     index, count = config.shard
     done = store.done_units()
     pending = [u for u in range(plan.n_units) if u % count == index and u not in done]
@@ -297,7 +303,7 @@ def _fill(store: CacheStore, plan: Plan, config: CacheConfig, dtype: str, result
     donors = _Donors.find(roots, store.attrs["compat"], store.path) if config.reuse else _Donors([])
     k = store.k
     ids_dtype = np.dtype(store.array("topk_ids").dtype)
-    teacher = None
+    own_teacher = teacher is None
     reused_sequences: set[int] = set()
     total = sum(plan.unit_range(u)[1] - plan.unit_range(u)[0] for u in pending)
     progress = Progress(total=total, unit="tok", desc=f"cache shard {index}/{count}")
@@ -362,7 +368,7 @@ def _fill(store: CacheStore, plan: Plan, config: CacheConfig, dtype: str, result
             result.tokens_scored += scored_tokens
     finally:
         progress.close()
-        if teacher is not None:
+        if own_teacher and teacher is not None:
             teacher.close()
 
 
