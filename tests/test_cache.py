@@ -178,6 +178,16 @@ def test_reader_shuffle_and_ranks(built):
     assert sum(len(p) for p in parts) == built.sequences
 
 
+def test_reader_resumes_mid_epoch_without_replaying(built):
+    reader = CacheReader(built.location, seed=5, buffer_sequences=8)
+    full = [s.index for s in reader.sequences(epoch=2)]
+    assert full == reader.order(epoch=2).tolist()
+    tail = list(reader.sequences(epoch=2, start=17))
+    assert [s.index for s in tail] == full[17:]
+    np.testing.assert_array_equal(tail[0].tokens, reader.read_sequence(full[17]).tokens)
+    assert reader.order(epoch=3).tolist() != full
+
+
 def test_reader_batches_respect_budget(built):
     reader = CacheReader(built.location, seed=0)
     total = 0

@@ -112,19 +112,58 @@ class CacheReader:
             )
         return out
 
-    def sequences(self, epoch: int = 0) -> Iterator[CachedSequence]:
+    def order(self, epoch: int = 0) -> np.ndarray:
+        """The sequence indices this rank yields in ``epoch``, in order.
+
+        Computed from the offsets alone (no token data is read), so a stream
+        can resume at any position of an epoch without replaying it.
+        """
+        units = self.units(epoch)
+        seq_starts = self.offsets[:-1]
+        starts = np.searchsorted(seq_starts, [self.store.unit_range(u)[0] for u in units], side="left")
+        ends = np.searchsorted(seq_starts, [self.store.unit_range(u)[1] for u in units], side="left")
+        per_unit = [np.arange(starts[i], ends[i]) for i in range(len(units))]
+        flat = np.concatenate(per_unit) if per_unit else np.zeros(0, dtype=np.int64)
+        if not self.shuffle:
+            return flat
         rng = np.random.default_rng([self.seed, epoch, 1])
-        buffer: list[CachedSequence] = []
-        for unit in self.units(epoch):
-            for seq in self.read_unit(unit):
-                if not self.shuffle:
-                    yield seq
-                    continue
-                buffer.append(seq)
-                if len(buffer) >= self.buffer_sequences:
-                    yield buffer.pop(int(rng.integers(len(buffer))))
+        out, buffer = [], []
+        for s in flat.tolist():
+            buffer.append(s)
+            if len(buffer) >= self.buffer_sequences:
+                out.append(buffer.pop(int(rng.integers(len(buffer)))))
         while buffer:
-            yield buffer.pop(int(rng.integers(len(buffer))))
+            out.append(buffer.pop(int(rng.integers(len(buffer)))))
+        return np.asarray(out, dtype=np.int64)
+
+    def unit_of(self, index: int) -> int:
+        """The unit (chunk) where sequence ``index`` starts."""
+        return int(self.offsets[index]) // self.store.chunk_tokens
+
+    def sequences(self, epoch: int = 0, start: int = 0) -> Iterator[CachedSequence]:
+        """This rank's sequences for ``epoch`` from position ``start`` of :meth:`order`.
+
+        Units are read when first needed and dropped once all their sequences
+        have been yielded, so memory holds a few units, not the cache.
+        """
+        order = self.order(epoch)[start:]
+        remaining: dict[int, int] = {}
+        for s in order.tolist():
+            u = self.unit_of(s)
+            remaining[u] = remaining.get(u, 0) + 1
+        loaded: dict[int, dict[int, CachedSequence]] = {}
+        for s in order.tolist():
+            u = self.unit_of(s)
+            if u not in loaded:
+                loaded[u] = {seq.index: seq for seq in self.read_unit(u)}
+            yield loaded[u][s]
+            remaining[u] -= 1
+            if remaining[u] == 0:
+                del loaded[u]
+
+    def read_sequence(self, index: int) -> CachedSequence:
+        """One sequence by its index (random access; reads the chunks it spans)."""
+        return next(seq for seq in self.read_unit(self.unit_of(index)) if seq.index == index)
 
     def batches(self, batch_tokens: int, epoch: int = 0) -> Iterator[Batch]:
         """Padded batches of at most ``batch_tokens`` (longest x count) tokens."""
