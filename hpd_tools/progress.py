@@ -30,6 +30,7 @@ class Progress:
         self.tty = sys.stderr.isatty()
         self.interval = interval if interval is not None else (0.5 if self.tty else 10.0)
         self.last_print = 0.0
+        self.last_done = -1
 
     def note(self, message: str) -> None:
         log.info("%s: %s", self.desc, message)
@@ -49,6 +50,7 @@ class Progress:
         if now - self.last_print >= self.interval or self.done >= self.total:
             self.last_print = now
             self._print(final=False)
+            self.last_done = self.done
 
     def line(self) -> str:
         elapsed = time.time() - (self.work_started or self.started)
@@ -67,5 +69,6 @@ class Progress:
             log.info(text)
 
     def close(self) -> None:
-        if self.total:
+        # On a terminal, end the bar's line; in a log, repeat only unprinted progress.
+        if self.total and (self.tty or self.last_done != self.done):
             self._print(final=True)
