@@ -26,6 +26,10 @@ def _setup_logging(verbose: bool) -> None:
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
     for name in ("vllm", "httpx", "datasets", "filelock", "urllib3"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose and name == "vllm" else logging.WARNING)
+    # vLLM's CPU worker replaces torch.set_num_threads with a function that warns on
+    # every call (libraries call it per batch); the warning says nothing to a user.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(lambda record: "torch.set_num_threads" not in record.getMessage())
 
 
 def _finish(code: int) -> None:
@@ -156,6 +160,54 @@ def cache(ctx: click.Context, config_path: str | None, as_json: bool, **_: Any) 
         summary = build_cache(config).summary()
         _print_summary(summary)
         click.echo(json.dumps(summary, indent=2) if as_json else summary["location"])
+
+    _run(go)
+
+
+@main.command()
+@click.option("--config", "config_path", default=None, help="YAML recipe with DistillConfig fields; options given here override it.")
+@click.option("--cache", "caches", multiple=True, help="Teacher cache to train on. Repeat to mix several.")
+@click.option("--cache-weight", "cache_weights", multiple=True, type=float, help="Sampling weight of each --cache, in order.")
+@click.option("--student", default=None, help="Student model folder (any transformers causal LM).")
+@click.option("--out", default=None, help="Run folder: metrics.jsonl, checkpoints, final/.")
+@click.option("--loss", type=click.Choice(["hpd", "sft", "fkl", "rkl", "jsd", "akl"]), default="hpd", show_default=True)
+@click.option("--loss-option", multiple=True, help="KEY=VALUE passed to the loss (e.g. tail=renormalize, beta=0.5). Repeatable.")
+@click.option("--max-steps", default=100, show_default=True)
+@click.option("--batch-tokens", default=4096, show_default=True, help="Padded tokens per micro-batch.")
+@click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option("--lr", default=5e-5, show_default=True)
+@click.option("--warmup-steps", default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True, help="Autocast dtype for the student's forward pass.")
+@click.option("--loss-chunk-tokens", default=1024, show_default=True, help="Tokens whose [tokens, vocab] logits exist at once.")
+@click.option("--eval-cache", default=None, help="Held-out cache for eval metrics.")
+@click.option("--eval-every", default=0, show_default=True, help="Steps between evals (0: only with --eval-cache at the end).")
+@click.option("--save-every", default=0, show_default=True, help="Steps between checkpoints (0: only the final one).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--resume", is_flag=True, default=False, help="Continue from the latest checkpoint in --out.")
+@click.pass_context
+def distill(ctx: click.Context, config_path: str | None, **_: Any) -> None:
+    """Train a student from teacher caches with HPD or a baseline loss."""
+    from .config import build, load_yaml
+    from .distill import DistillConfig, train
+
+    def go() -> None:
+        values = load_yaml(config_path) if config_path else {}
+        given = _explicit(ctx)
+        given.pop("config_path", None)
+        if "caches" in given:
+            given["caches"] = list(given["caches"])
+        if "cache_weights" in given:
+            given["cache_weights"] = list(given["cache_weights"])
+        if "loss_option" in given:
+            values["loss_options"] = {**values.get("loss_options", {}), **_parse_engine_args(given.pop("loss_option"))}
+        values.update(given)
+        for required in ("caches", "student", "out"):
+            if not values.get(required):
+                raise HPDError(f"--{required.rstrip('s')}: required (on the command line or in --config)")
+        config = build(DistillConfig, values, where=f"--config {config_path}" if config_path else "distill options")
+        last = train(config)
+        click.echo(json.dumps(last, indent=2), err=True)
+        click.echo(str(Path(config.out) / "final"))
 
     _run(go)
 

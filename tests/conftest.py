@@ -68,6 +68,40 @@ def teacher(tmp_path_factory) -> Path:
     return build_tiny_teacher(tmp_path_factory.mktemp("teacher") / "tiny-llama")
 
 
+def train_teacher(model_dir: Path, *, steps: int = 80, lr: float = 2e-3, seed: int = 0) -> Path:
+    """Fit the tiny teacher to the bundled data in place, so that, like a real
+    teacher, it puts real probability on the data's tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    seqs = [tok.apply_chat_template(r["messages"], tokenize=True) for r in train_records()]
+    seqs = [list(s["input_ids"] if isinstance(s, dict) or hasattr(s, "keys") else s)[:96] for s in seqs]
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    for _ in range(steps):
+        rows = torch.randint(len(seqs), (16,), generator=gen).tolist()
+        width = max(len(seqs[i]) for i in rows)
+        ids = torch.zeros((16, width), dtype=torch.long)
+        labels = torch.full((16, width), -100, dtype=torch.long)
+        for j, i in enumerate(rows):
+            ids[j, : len(seqs[i])] = torch.tensor(seqs[i])
+            labels[j, : len(seqs[i])] = torch.tensor(seqs[i])
+        loss = model(input_ids=ids, labels=labels).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.save_pretrained(model_dir)
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def trained_teacher(tmp_path_factory) -> Path:
+    return train_teacher(build_tiny_teacher(tmp_path_factory.mktemp("trained-teacher") / "tiny-llama"))
+
+
 @pytest.fixture(autouse=True)
 def cache_home(tmp_path, monkeypatch) -> Path:
     """Each test gets its own cache root."""

@@ -1,0 +1,397 @@
+"""``distill``: train a student from teacher caches with HPD or a baseline loss.
+
+The loop, top to bottom (``train``):
+
+1. load the student and check its tokenizer against every cache's;
+2. build the stream (caches mixed by weight), AdamW, warmup + cosine;
+3. resume from the latest checkpoint when asked: weights, optimizer,
+   scheduler, RNG and the stream's exact position;
+4. each step: ``grad_accum`` micro-batches; the loss is summed over response
+   tokens and divided once by the step's total count of response tokens, so
+   accumulation equals one big batch; the student's [tokens, vocab] logits
+   exist one chunk of ``loss_chunk_tokens`` at a time (recomputed in backward),
+   so peak memory does not grow with batch-tokens x vocab;
+5. clip, step, log metrics (JSON lines, TensorBoard when installed), eval and
+   checkpoint at intervals; a non-finite loss stops the run naming the step
+   and the batch, with the last good checkpoint kept;
+6. save ``final/``, which ``AutoModelForCausalLM.from_pretrained`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.checkpoint import checkpoint
+
+from .cache.layout import CacheStore
+from .cache.reader import Batch, CacheReader
+from .errors import HPDError
+from .hashing import tokenizer_hash
+from .losses import LOSSES, Targets, compute_loss
+from .progress import Progress
+from .stream import CacheStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DistillConfig:
+    """Everything ``hpd-tools distill`` takes (recipes/*.yaml map onto it)."""
+
+    caches: list[str]
+    student: str
+    out: str
+    cache_weights: list[float] = field(default_factory=list)
+    loss: str = "hpd"
+    loss_options: dict[str, Any] = field(default_factory=dict)
+    max_steps: int = 100
+    batch_tokens: int = 4096
+    grad_accum: int = 1
+    lr: float = 5e-5
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    max_grad_norm: float = 1.0
+    dtype: str = "float32"  # float32 or bfloat16 (autocast)
+    loss_chunk_tokens: int = 1024
+    eval_cache: str | None = None
+    eval_every: int = 0  # 0: eval once, at the end
+    eval_batches: int = 0  # 0: the whole eval cache
+    save_every: int = 0
+    log_every: int = 1
+    seed: int = 0
+    resume: bool = False
+
+    def validate(self) -> None:
+        if not self.caches:
+            raise HPDError("--cache: give at least one cache")
+        if self.loss not in LOSSES:
+            raise HPDError(f"--loss {self.loss}: choose one of {', '.join(LOSSES)}")
+        if self.cache_weights and len(self.cache_weights) != len(self.caches):
+            raise HPDError(f"cache_weights: {len(self.cache_weights)} weights for {len(self.caches)} caches; give one per --cache")
+        if any(w <= 0 for w in self.cache_weights):
+            raise HPDError("cache_weights: weights must be positive")
+        for name in ("max_steps", "batch_tokens", "grad_accum", "loss_chunk_tokens", "log_every"):
+            if getattr(self, name) < 1:
+                raise HPDError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if self.lr <= 0:
+            raise HPDError(f"--lr {self.lr}: must be positive")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise HPDError(f"--dtype {self.dtype}: choose float32 or bfloat16")
+        if self.eval_every and not self.eval_cache:
+            raise HPDError("--eval-every needs --eval-cache")
+        if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
+            raise HPDError(f"--warmup-steps {self.warmup_steps}: must be between 0 and --max-steps {self.max_steps}")
+
+
+# -- pieces the loop uses --------------------------------------------------------
+
+def lr_factor(step: int, config: DistillConfig) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``max_steps``."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    span = max(config.max_steps - config.warmup_steps, 1)
+    progress = min((step - config.warmup_steps) / span, 1.0)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def load_student(path: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise HPDError(f"--student {path}: no such folder; give a Hugging Face model folder")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types for a broken folder
+        raise HPDError(f"--student {path}: does not load as a causal LM ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    return model, tokenizer
+
+
+def check_caches(paths: list[str], tokenizer: Any, what: str = "--cache") -> list[CacheStore]:
+    """Every cache complete and made with the student's tokenizer."""
+    student_hash = tokenizer_hash(tokenizer)
+    stores = []
+    for path in paths:
+        store = CacheStore(path)
+        if not store.complete:
+            raise HPDError(f"{what} {path}: cache is incomplete ({len(store.done_units())}/{store.n_units} units); finish it by rerunning its `hpd-tools cache` command")
+        if store.attrs["tokenizer_hash"] != student_hash:
+            raise HPDError(
+                f"{what} {path}: made with tokenizer {store.attrs['tokenizer_hash'][:16]}, the student's is {student_hash[:16]}; "
+                "the student must share the teacher's tokenizer"
+            )
+        stores.append(store)
+    ks = {s.k for s in stores}
+    if len(ks) > 1:
+        raise HPDError(f"--cache: caches have different top-k ({sorted(ks)}); mix caches with one k")
+    return stores
+
+
+def to_targets(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Targets]:
+    """Input ids, attention mask and the flat targets of the trained positions.
+
+    Position i is trained on token i+1 (the cache's convention), so hidden
+    state [b, i] meets labels[b, i] = input_ids[b, i+1].
+    """
+    ids = torch.from_numpy(batch.input_ids).to(device)
+    attn = torch.zeros_like(ids)
+    for i, n in enumerate(batch.lengths):
+        attn[i, :n] = 1
+    mask = torch.from_numpy(batch.loss_mask).to(device)
+    labels = torch.zeros_like(ids)
+    labels[:, :-1] = ids[:, 1:]
+    targets = Targets(
+        labels=labels[mask],
+        mask=torch.ones(int(mask.sum()), dtype=torch.bool, device=device),
+        label_logprob=torch.from_numpy(batch.label_logprob).to(device)[mask],
+        topk_ids=torch.from_numpy(batch.topk_ids).to(device)[mask],
+        topk_logprobs=torch.from_numpy(batch.topk_logprobs).to(device)[mask],
+        noise=torch.zeros(int(mask.sum()), device=device),
+    )
+    return ids, attn, targets
+
+
+def _slice(t: Targets, a: int, b: int) -> Targets:
+    return Targets(**{name: getattr(t, name)[a:b] for name in Targets.__dataclass_fields__})
+
+
+def chunked_loss(model: Any, hidden: torch.Tensor, targets: Targets, config: DistillConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Sum of the per-token loss over ``hidden``'s rows, one chunk of rows at a time.
+
+    Each chunk's logits are built, used and freed inside a checkpointed call, so
+    backward recomputes them chunk by chunk instead of keeping [rows, vocab]
+    (the loss is deterministic given its inputs: the student-sampled tokens
+    come from ``targets.noise``, so the recomputation samples the same ones).
+    """
+    head = model.get_output_embeddings()
+
+    def run(h: torch.Tensor, t: Targets) -> Any:
+        return compute_loss(config.loss, head(h), t, **config.loss_options)
+
+    total = hidden.new_zeros((), dtype=torch.float32)
+    stats: dict[str, torch.Tensor] = {}
+    for a in range(0, hidden.shape[0], config.loss_chunk_tokens):
+        b = min(a + config.loss_chunk_tokens, hidden.shape[0])
+        part = _slice(targets, a, b)
+        out = checkpoint(run, hidden[a:b], part, use_reentrant=False) if torch.is_grad_enabled() else run(hidden[a:b], part)
+        total = total + out.loss_sum.float()
+        for name, value in out.stats.items():
+            stats[name] = stats.get(name, 0) + value.detach().double()
+    return total, stats
+
+
+# -- checkpoints -------------------------------------------------------------------
+
+def _checkpoints(out: Path) -> list[Path]:
+    return sorted(p for p in out.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+
+
+def save_checkpoint(out: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, stream: CacheStream, noise_gen: torch.Generator, config: DistillConfig) -> Path:
+    """step-XXXXXX/: the student (HF format), optimizer + scheduler, and meta.json
+    (config, step, stream position, RNG). Written under .tmp and renamed."""
+    final = out / f"step-{step:06d}"
+    tmp = out / f"step-{step:06d}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp / "model")
+    tokenizer.save_pretrained(tmp / "model")
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+    meta = {
+        "step": step,
+        "config": asdict(config),
+        "stream": stream.state(),
+        "noise_rng": noise_gen.get_state().tolist(),
+        "torch_rng": torch.get_rng_state().tolist(),
+    }
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    return final
+
+
+# -- eval ------------------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate(model: Any, path: str, config: DistillConfig, device: torch.device) -> dict[str, float]:
+    """Per response token: forward KL to the teacher on its top-k support, the
+    teacher's NLL of the data tokens (a fixed reference) and the student's."""
+    reader = CacheReader(path, shuffle=False)
+    base, head = model.base_model, model.get_output_embeddings()
+    fkl = student_nll = teacher_nll = 0.0
+    count = 0
+    was_training = model.training
+    model.eval()
+    for i, batch in enumerate(reader.batches(config.batch_tokens)):
+        if config.eval_batches and i >= config.eval_batches:
+            break
+        ids, attn, t = to_targets(batch, device)
+        hidden = base(input_ids=ids, attention_mask=attn).last_hidden_state[torch.from_numpy(batch.loss_mask)]
+        for a in range(0, hidden.shape[0], config.loss_chunk_tokens):
+            b = min(a + config.loss_chunk_tokens, hidden.shape[0])
+            ls = torch.log_softmax(head(hidden[a:b]).float(), dim=-1)
+            lt = t.topk_logprobs[a:b]
+            fkl += float((lt.exp() * (lt - ls.gather(-1, t.topk_ids[a:b]))).sum())
+            student_nll -= float(ls.gather(-1, t.labels[a:b, None]).sum())
+            teacher_nll -= float(t.label_logprob[a:b].sum())
+        count += hidden.shape[0]
+    model.train(was_training)
+    n = max(count, 1)
+    return {"eval/fkl_topk": fkl / n, "eval/student_nll": student_nll / n, "eval/teacher_nll": teacher_nll / n, "eval/tokens": count}
+
+
+# -- the loop --------------------------------------------------------------------------
+
+class _Metrics:
+    def __init__(self, out: Path, resume_step: int | None):
+        self.path = out / "metrics.jsonl"
+        if resume_step is not None and self.path.exists():
+            # Drop what was logged after the checkpoint we resume from.
+            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+        self.file = self.path.open("a")
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out / "tensorboard"))
+        except Exception:  # tensorboard is optional
+            self.tb = None
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for name, value in values.items():
+                if isinstance(value, (int, float)):
+                    self.tb.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def micro_step(model: Any, batch: Batch, noise_gen: torch.Generator, config: DistillConfig, device: torch.device, scale: float) -> tuple[float, dict[str, torch.Tensor]]:
+    """Forward + backward of one micro-batch, its loss scaled by ``scale`` (1 / the
+    step's response tokens). Returns the unscaled loss sum and diagnostic sums."""
+    ids, attn, targets = to_targets(batch, device)
+    targets.noise = torch.rand(targets.labels.shape[0], generator=noise_gen).to(device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
+    with autocast:
+        hidden = model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state
+        hidden = hidden[torch.from_numpy(batch.loss_mask).to(device)]
+        loss_sum, stats = chunked_loss(model, hidden, targets, config)
+    (loss_sum * scale).backward()
+    return float(loss_sum.detach()), stats
+
+
+def train(config: DistillConfig) -> dict[str, Any]:
+    """Run (or resume) a distillation; returns the last logged metrics."""
+    config.validate()
+    out = Path(config.out)
+    torch.manual_seed(config.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, tokenizer = load_student(config.student)
+    check_caches(config.caches, tokenizer)
+    if config.eval_cache:
+        check_caches([config.eval_cache], tokenizer, what="--eval-cache")
+    model.to(device).train()
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(model, "base_model"):
+        raise HPDError(f"--student {config.student}: no output embedding (LM head) to distill into")
+
+    stream = CacheStream(config.caches, weights=config.cache_weights or None, batch_tokens=config.batch_tokens, seed=config.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    noise_gen = torch.Generator().manual_seed(config.seed)
+
+    start_step = 0
+    existing = _checkpoints(out) if out.exists() else []
+    if config.resume and existing:
+        ckpt = existing[-1]
+        meta = json.loads((ckpt / "meta.json").read_text())
+        from transformers import AutoModelForCausalLM
+
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(ckpt / "model", dtype=torch.float32).state_dict())
+        states = torch.load(ckpt / "optimizer.pt", weights_only=False)
+        optimizer.load_state_dict(states["optimizer"])
+        scheduler.load_state_dict(states["scheduler"])
+        stream.load_state(meta["stream"])
+        noise_gen.set_state(torch.tensor(meta["noise_rng"], dtype=torch.uint8))
+        torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
+        start_step = int(meta["step"])
+        log.info("resuming from %s (step %d)", ckpt, start_step)
+    elif not config.resume and (existing or (out / "metrics.jsonl").exists()):
+        raise HPDError(f"--out {out}: holds an earlier run; pass --resume to continue it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+    metrics = _Metrics(out, start_step if config.resume else None)
+
+    progress = Progress(total=config.max_steps, unit="steps", desc=f"distill {config.loss}")
+    progress.update(start_step, count_rate=False)
+    last: dict[str, Any] = {}
+    window_tokens, window_start = 0, time.time()
+    try:
+        for step in range(start_step, config.max_steps):
+            batches = [stream.next_batch() for _ in range(config.grad_accum)]
+            n_active = sum(int(b.loss_mask.sum()) for b in batches)
+            if n_active == 0:
+                raise HPDError(f"step {step + 1}: the batch has no response tokens; check the caches' loss masks")
+            loss_total = 0.0
+            stats: dict[str, float] = {}
+            for batch in batches:
+                loss_sum, batch_stats = micro_step(model, batch, noise_gen, config, device, 1.0 / n_active)
+                loss_total += loss_sum
+                for name, value in batch_stats.items():
+                    stats[name] = stats.get(name, 0.0) + float(value)
+            loss = loss_total / n_active
+            if not math.isfinite(loss):
+                seqs = [int(i) for b in batches for i in b.indices]
+                raise HPDError(f"step {step + 1}: loss is {loss} on the batch of sequences {seqs[:8]}{'...' if len(seqs) > 8 else ''}; the last good checkpoint is kept; lower --lr or check the cache with `hpd-tools verify`")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
+            lr = optimizer.param_groups[0]["lr"]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            window_tokens += sum(b.n_tokens for b in batches)
+            done = step + 1
+            if done % config.log_every == 0 or done == config.max_steps:
+                elapsed = time.time() - window_start
+                last = {
+                    "loss": loss,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens_per_s": window_tokens / elapsed if elapsed > 0 else None,
+                    "response_tokens": n_active,
+                    **{f"hpd/{k}" if config.loss == "hpd" else f"{config.loss}/{k}": v / n_active for k, v in stats.items()},
+                }
+                window_tokens, window_start = 0, time.time()
+                metrics.log(done, last)
+            if config.eval_cache and ((config.eval_every and done % config.eval_every == 0) or done == config.max_steps):
+                ev = evaluate(model, config.eval_cache, config, device)
+                metrics.log(done, ev)
+                last.update(ev)
+            if config.save_every and done % config.save_every == 0 and done < config.max_steps:
+                save_checkpoint(out, done, model, tokenizer, optimizer, scheduler, stream, noise_gen, config)
+            progress.update(1)
+            progress.desc = f"distill {config.loss} loss {loss:.4f}"
+    finally:
+        progress.close()
+        metrics.close()
+    save_checkpoint(out, config.max_steps, model, tokenizer, optimizer, scheduler, stream, noise_gen, config)
+    final = out / "final"
+    shutil.rmtree(final, ignore_errors=True)
+    model.save_pretrained(final)
+    tokenizer.save_pretrained(final)
+    return last

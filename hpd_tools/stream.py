@@ -1,0 +1,102 @@
+"""The training stream: batches from one or more caches, mixed by weight, resumable.
+
+Each draw picks a cache with probability proportional to its weight (a seeded
+generator), then that cache's next sequence in its epoch order (CacheReader:
+chunk-level shuffle plus a shuffle buffer, this rank's partition). Batches are
+padded to their longest sequence and hold at most ``batch_tokens`` padded
+tokens. ``state()`` captures the exact position (per cache: epoch and
+sequences taken; the mixing generator; the sequence that overflowed the last
+batch), so a resumed run sees the same batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from .cache.reader import Batch, CachedSequence, CacheReader, collate
+
+
+@dataclass
+class _Source:
+    reader: CacheReader
+    weight: float
+    epoch: int = 0
+    taken: int = 0
+    it: Iterator[CachedSequence] | None = None
+
+    def next(self) -> CachedSequence:
+        while True:
+            if self.it is None:
+                self.it = self.reader.sequences(self.epoch, start=self.taken)
+            try:
+                seq = next(self.it)
+            except StopIteration:
+                self.epoch, self.taken, self.it = self.epoch + 1, 0, None
+                continue
+            self.taken += 1
+            return seq
+
+
+class CacheStream:
+    def __init__(
+        self,
+        paths: Sequence[str],
+        *,
+        weights: Sequence[float] | None = None,
+        batch_tokens: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        buffer_sequences: int = 256,
+    ):
+        weights = list(weights) if weights else [1.0] * len(paths)
+        if len(weights) != len(paths):
+            raise ValueError("one weight per cache")
+        self.sources = [
+            _Source(CacheReader(p, seed=seed + i, rank=rank, world_size=world_size, buffer_sequences=buffer_sequences), float(w))
+            for i, (p, w) in enumerate(zip(paths, weights))
+        ]
+        self.probs = np.asarray(weights, dtype=np.float64) / float(sum(weights))
+        self.rng = np.random.default_rng([seed, 7])
+        self.batch_tokens = batch_tokens
+        self.carry: tuple[int, CachedSequence] | None = None
+        self.k = self.sources[0].reader.k
+
+    def _draw(self) -> tuple[int, CachedSequence]:
+        i = int(self.rng.choice(len(self.sources), p=self.probs)) if len(self.sources) > 1 else 0
+        return i, self.sources[i].next()
+
+    def next_batch(self) -> Batch:
+        items: list[tuple[int, CachedSequence]] = []
+        width = 0
+        while True:
+            item = self.carry if self.carry is not None else self._draw()
+            self.carry = None
+            n = len(item[1].tokens)
+            if items and max(width, n) * (len(items) + 1) > self.batch_tokens:
+                self.carry = item
+                break
+            items.append(item)
+            width = max(width, n)
+            if width * len(items) >= self.batch_tokens:
+                break
+        batch = collate([s for _, s in items], self.k)
+        batch.sources = np.array([i for i, _ in items])  # type: ignore[attr-defined]
+        return batch
+
+    def state(self) -> dict[str, Any]:
+        return {
+            "sources": [{"epoch": s.epoch, "taken": s.taken} for s in self.sources],
+            "rng": self.rng.bit_generator.state,
+            "carry": None if self.carry is None else [self.carry[0], self.carry[1].index],
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        for source, st in zip(self.sources, state["sources"]):
+            source.epoch, source.taken, source.it = int(st["epoch"]), int(st["taken"]), None
+        self.rng.bit_generator.state = state["rng"]
+        carry = state.get("carry")
+        self.carry = None if carry is None else (int(carry[0]), self.sources[int(carry[0])].reader.read_sequence(int(carry[1])))
