@@ -384,8 +384,9 @@ def train(config: DistillConfig) -> dict[str, Any]:
                 last.update(ev)
             if config.save_every and done % config.save_every == 0 and done < config.max_steps:
                 save_checkpoint(out, done, model, tokenizer, optimizer, scheduler, stream, noise_gen, config)
+            rate = f" {last['tokens_per_s']:,.0f} tok/s" if last.get("tokens_per_s") else ""
+            progress.desc = f"distill {config.loss} step {done} loss {loss:.4f}{rate}"
             progress.update(1)
-            progress.desc = f"distill {config.loss} loss {loss:.4f}"
     finally:
         progress.close()
         metrics.close()

@@ -54,3 +54,15 @@ def test_cli_options_override_the_recipe(teacher, tmp_path):
     recipe.write_text(recipe.read_text() + "top_kk: 3\n")
     proc = run_cli("cache", "--config", str(recipe))
     assert proc.returncode == 2 and "unknown key 'top_kk'" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("name", ["distill-hpd.yaml", "distill-fkl.yaml"])
+def test_distill_recipes_load(name):
+    from hpd_tools.distill import DistillConfig
+
+    values = load_yaml(ROOT / "recipes" / "smollm2-135m" / name)
+    config = build(DistillConfig, {**values, "caches": ["c"], "student": "s", "eval_cache": "e"})
+    config.validate()
+    assert config.loss in ("hpd", "fkl") and config.max_steps > 0
+    with pytest.raises(HPDError, match="unknown key 'learning_rate'"):
+        build(DistillConfig, {**values, "caches": ["c"], "student": "s", "learning_rate": 1})

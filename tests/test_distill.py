@@ -213,3 +213,11 @@ def test_cli_distill_and_conflicting_options(setup, tmp_path):
     assert any("eval/fkl_topk" in r for r in rows)
     bad = run_cli("distill", "--cache", setup["train"], "--student", str(setup["student"]), "--out", str(tmp_path / "x"), "--eval-every", "5")
     assert bad.returncode == 2 and "--eval-every needs --eval-cache" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_bfloat16_autocast_and_seed_determinism(setup, tmp_path):
+    a = train(config(setup, tmp_path / "a", max_steps=3, dtype="bfloat16"))
+    b = train(config(setup, tmp_path / "b", max_steps=3, dtype="bfloat16"))
+    assert np.isfinite(a["loss"]) and a["loss"] == b["loss"]
+    c = train(config(setup, tmp_path / "c", max_steps=3, seed=1))
+    assert c["loss"] != a["loss"]
