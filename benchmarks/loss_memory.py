@@ -124,7 +124,18 @@ def worker(mode: str, loss: str, tokens: int, k: int, chunk: int, threads: int) 
 
 # -- driver ------------------------------------------------------------------------
 
+def naive_fits(tokens: int) -> bool:
+    """The naive loss holds ~5 [tokens, vocab] float32 tensors at its peak (measured);
+    skip it where that, plus 1 GB, exceeds 90% of the memory available now."""
+    import psutil
+
+    need = 5 * tokens * VOCAB * 4 + 2**30
+    return need <= 0.9 * psutil.virtual_memory().available
+
+
 def measure(mode: str, loss: str, tokens: int, args: argparse.Namespace) -> dict:
+    if mode == "naive" and not naive_fits(tokens):
+        return {"mode": mode, "loss": loss, "tokens": tokens, "peak_mb": None, "seconds": None, "error": "skipped: would not fit in available memory"}
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", mode, "--losses", loss, "--tokens", str(tokens),
            "--k", str(args.k), "--chunk", str(args.chunk), "--threads", str(args.threads)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -156,8 +167,11 @@ def main() -> None:
             naive = measure("naive", loss, tokens, args)
             chunked = measure("chunked", loss, tokens, args)
             rows.append((loss, tokens, naive, chunked))
-            print(f"  {loss} {tokens}: naive {naive.get('peak_mb')} MB {naive.get('seconds')} s, chunked {chunked.get('peak_mb')} MB {chunked.get('seconds')} s {naive.get('error', '')}{chunked.get('error', '')}", file=sys.stderr, flush=True)
+            note = "; ".join(c["error"] for c in (naive, chunked) if c.get("error"))
+            cells = ", ".join(f"{c['mode']} {c['peak_mb']:,.0f} MB in {c['seconds']:.1f} s" for c in (naive, chunked) if c.get("peak_mb") is not None)
+            print(f"  {loss} {tokens} tokens: {cells}{'  (' + note + ')' if note else ''}", file=sys.stderr, flush=True)
 
+    sys.stderr.flush()
     print(f"\nLM head {HIDDEN} -> {VOCAB}, k={args.k}, loss_chunk_tokens={args.chunk}, forward + backward, {args.threads} threads;")
     print("peak = resident memory growth over the post-setup baseline, one subprocess per cell\n")
     header = f"{'loss':<5} {'batch tokens':>12} {'naive MB':>9} {'chunked MB':>10} {'ratio':>6} {'naive s':>8} {'chunked s':>9}"
@@ -192,7 +206,7 @@ def main() -> None:
     failures = [f"{r[0]} {r[1]} {c['mode']}: {c['error']}" for r in rows for c in (r[2], r[3]) if c.get("error")]
     for line in failures:
         print("failed:", line)
-    print(f"\nwall time {time.perf_counter() - wall:.0f} s")
+    print(f"\nwall time {time.perf_counter() - wall:.0f} s", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": [{"loss": l, "tokens": t, "naive": n, "chunked": c} for l, t, n, c in rows], "k": args.k, "chunk": args.chunk}, indent=2))
 
