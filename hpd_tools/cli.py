@@ -184,6 +184,15 @@ def cache(ctx: click.Context, config_path: str | None, as_json: bool, **_: Any) 
 @click.option("--save-every", default=0, show_default=True, help="Steps between checkpoints (0: only the final one).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True, default=False, help="Continue from the latest checkpoint in --out.")
+@click.option("--online-teacher", default=None, help="On-policy scorer: a model folder (in-process) or the URL of a running vLLM server.")
+@click.option("--online-engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True, help="Engine for a folder --online-teacher.")
+@click.option("--sample-every", default=0, show_default=True, help="Steps between on-policy rounds (0: none).")
+@click.option("--sample-prompts", default=8, show_default=True, help="Prompts per round.")
+@click.option("--sample-max-new-tokens", default=64, show_default=True)
+@click.option("--sample-temperature", default=1.0, show_default=True)
+@click.option("--onpolicy-weight", default=0.5, show_default=True, help="Share of each step's loss from rollouts.")
+@click.option("--onpolicy-buffer", default=64, show_default=True, help="Scored rollouts kept and reused.")
+@click.option("--prompt-cache", default=None, help="Cache whose prompts are sampled from (default: the first --cache).")
 @click.pass_context
 def distill(ctx: click.Context, config_path: str | None, **_: Any) -> None:
     """Train a student from teacher caches with HPD or a baseline loss."""

@@ -72,6 +72,17 @@ class DistillConfig:
     log_every: int = 1
     seed: int = 0
     resume: bool = False
+    # On-policy rounds (hpd_tools/onpolicy.py)
+    online_teacher: str | None = None  # model folder (in-process) or http(s) URL of a vLLM server
+    online_engine: str = "vllm"  # for a folder: vllm or hf
+    online_engine_args: dict[str, Any] = field(default_factory=dict)
+    sample_every: int = 0  # steps between rounds; 0: no on-policy rounds
+    sample_prompts: int = 8
+    sample_max_new_tokens: int = 64
+    sample_temperature: float = 1.0
+    onpolicy_weight: float = 0.5  # share of each step's loss that comes from rollouts
+    onpolicy_buffer: int = 64  # rollouts kept and reused
+    prompt_cache: str | None = None  # where prompts come from; default: the first --cache
 
     def validate(self) -> None:
         if not self.caches:
@@ -91,6 +102,18 @@ class DistillConfig:
             raise HPDError(f"--dtype {self.dtype}: choose float32 or bfloat16")
         if self.eval_every and not self.eval_cache:
             raise HPDError("--eval-every needs --eval-cache")
+        if self.sample_every and not self.online_teacher:
+            raise HPDError("--sample-every needs --online-teacher")
+        if self.online_teacher and not self.sample_every:
+            raise HPDError("--online-teacher needs --sample-every N (steps between on-policy rounds)")
+        if not 0.0 <= self.onpolicy_weight <= 1.0:
+            raise HPDError(f"--onpolicy-weight {self.onpolicy_weight}: must be between 0 and 1")
+        if self.sample_temperature <= 0:
+            raise HPDError(f"--sample-temperature {self.sample_temperature}: must be positive")
+        if self.sample_every and (self.sample_prompts < 1 or self.sample_max_new_tokens < 1 or self.onpolicy_buffer < 1):
+            raise HPDError("--sample-prompts, --sample-max-new-tokens and --onpolicy-buffer must be at least 1")
+        if self.online_engine not in ("vllm", "hf"):
+            raise HPDError(f"--online-engine {self.online_engine}: choose vllm or hf")
         if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
             raise HPDError(f"--warmup-steps {self.warmup_steps}: must be between 0 and --max-steps {self.max_steps}")
 
@@ -198,7 +221,7 @@ def _checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in out.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
 
 
-def save_checkpoint(out: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, stream: CacheStream, noise_gen: torch.Generator, config: DistillConfig) -> Path:
+def save_checkpoint(out: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, stream: CacheStream, noise_gen: torch.Generator, config: DistillConfig, onpolicy: Any = None) -> Path:
     """step-XXXXXX/: the student (HF format), optimizer + scheduler, and meta.json
     (config, step, stream position, RNG). Written under .tmp and renamed."""
     final = out / f"step-{step:06d}"
@@ -214,6 +237,9 @@ def save_checkpoint(out: Path, step: int, model: Any, tokenizer: Any, optimizer:
         "noise_rng": noise_gen.get_state().tolist(),
         "torch_rng": torch.get_rng_state().tolist(),
     }
+    if onpolicy is not None:
+        meta["onpolicy"] = onpolicy.state()
+        np.savez(tmp / "onpolicy.npz", **onpolicy.buffer_arrays())
     (tmp / "meta.json").write_text(json.dumps(meta))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -315,6 +341,22 @@ def train(config: DistillConfig) -> dict[str, Any]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     noise_gen = torch.Generator().manual_seed(config.seed)
+    onpolicy = None
+    if config.sample_every:
+        from .onpolicy import OnPolicy
+
+        prompt_cache = config.prompt_cache or config.caches[0]
+        store = check_caches([prompt_cache], tokenizer, what="--prompt-cache")[0]
+        onpolicy = OnPolicy(config, tokenizer, prompt_cache, k=stream.k, max_length=int(store.attrs["max_length"]))
+        if not config.online_teacher.startswith(("http://", "https://")):
+            from transformers import AutoTokenizer
+
+            try:
+                theirs = tokenizer_hash(AutoTokenizer.from_pretrained(config.online_teacher))
+            except Exception as exc:  # a folder without a tokenizer
+                raise HPDError(f"--online-teacher {config.online_teacher}: its tokenizer does not load ({type(exc).__name__})") from None
+            if theirs != store.attrs["tokenizer_hash"]:
+                raise HPDError(f"--online-teacher {config.online_teacher}: tokenizer {theirs[:16]} differs from the cache's {store.attrs['tokenizer_hash'][:16]}; the online teacher must share the cache's tokenizer")
 
     start_step = 0
     existing = _checkpoints(out) if out.exists() else []
@@ -331,6 +373,9 @@ def train(config: DistillConfig) -> dict[str, Any]:
         noise_gen.set_state(torch.tensor(meta["noise_rng"], dtype=torch.uint8))
         torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
         start_step = int(meta["step"])
+        if onpolicy is not None and "onpolicy" in meta:
+            arrays = dict(np.load(ckpt / "onpolicy.npz")) if (ckpt / "onpolicy.npz").exists() else None
+            onpolicy.load_state(meta["onpolicy"], arrays)
         log.info("resuming from %s (step %d)", ckpt, start_step)
     elif not config.resume and (existing or (out / "metrics.jsonl").exists()):
         raise HPDError(f"--out {out}: holds an earlier run; pass --resume to continue it, or choose another --out")
@@ -341,21 +386,35 @@ def train(config: DistillConfig) -> dict[str, Any]:
     progress = Progress(total=config.max_steps, unit="steps", desc=f"distill {config.loss}")
     progress.update(start_step, count_rate=False)
     last: dict[str, Any] = {}
+    step_metrics: dict[str, Any] = {}
+    latest_round: dict[str, Any] = {}
+    latest_eval: dict[str, Any] = {}
     window_tokens, window_start = 0, time.time()
     try:
         for step in range(start_step, config.max_steps):
+            if onpolicy is not None and step % config.sample_every == 0:
+                latest_round = onpolicy.round(model, device)
+                metrics.log(step, latest_round)
             batches = [stream.next_batch() for _ in range(config.grad_accum)]
             n_active = sum(int(b.loss_mask.sum()) for b in batches)
             if n_active == 0:
                 raise HPDError(f"step {step + 1}: the batch has no response tokens; check the caches' loss masks")
+            rollouts = onpolicy.next_batch(config.batch_tokens) if onpolicy is not None and config.onpolicy_weight > 0 else None
+            w = config.onpolicy_weight if rollouts is not None else 0.0
             loss_total = 0.0
             stats: dict[str, float] = {}
             for batch in batches:
-                loss_sum, batch_stats = micro_step(model, batch, noise_gen, config, device, 1.0 / n_active)
+                loss_sum, batch_stats = micro_step(model, batch, noise_gen, config, device, (1.0 - w) / n_active)
                 loss_total += loss_sum
                 for name, value in batch_stats.items():
                     stats[name] = stats.get(name, 0.0) + float(value)
             loss = loss_total / n_active
+            on_loss = None
+            if rollouts is not None:
+                n_on = int(rollouts.loss_mask.sum())
+                on_sum, _ = micro_step(model, rollouts, noise_gen, config, device, w / n_on)
+                on_loss = on_sum / n_on
+                loss = (1.0 - w) * loss + w * on_loss
             if not math.isfinite(loss):
                 seqs = [int(i) for b in batches for i in b.indices]
                 raise HPDError(f"step {step + 1}: loss is {loss} on the batch of sequences {seqs[:8]}{'...' if len(seqs) > 8 else ''}; the last good checkpoint is kept; lower --lr or check the cache with `hpd-tools verify`")
@@ -368,29 +427,34 @@ def train(config: DistillConfig) -> dict[str, Any]:
             done = step + 1
             if done % config.log_every == 0 or done == config.max_steps:
                 elapsed = time.time() - window_start
-                last = {
+                step_metrics = {
                     "loss": loss,
                     "lr": lr,
                     "grad_norm": grad_norm,
                     "tokens_per_s": window_tokens / elapsed if elapsed > 0 else None,
                     "response_tokens": n_active,
-                    **{f"hpd/{k}" if config.loss == "hpd" else f"{config.loss}/{k}": v / n_active for k, v in stats.items()},
+                    **{f"{config.loss}/{k}": v / n_active for k, v in stats.items()},
                 }
+                if on_loss is not None:
+                    step_metrics.update({"onpolicy/loss": on_loss, "onpolicy/weight": w})
                 window_tokens, window_start = 0, time.time()
-                metrics.log(done, last)
+                metrics.log(done, step_metrics)
             if config.eval_cache and ((config.eval_every and done % config.eval_every == 0) or done == config.max_steps):
-                ev = evaluate(model, config.eval_cache, config, device)
-                metrics.log(done, ev)
-                last.update(ev)
+                latest_eval = evaluate(model, config.eval_cache, config, device)
+                metrics.log(done, latest_eval)
             if config.save_every and done % config.save_every == 0 and done < config.max_steps:
-                save_checkpoint(out, done, model, tokenizer, optimizer, scheduler, stream, noise_gen, config)
+                save_checkpoint(out, done, model, tokenizer, optimizer, scheduler, stream, noise_gen, config, onpolicy)
+            last = {**step_metrics, **latest_round, **latest_eval}
             rate = f" {last['tokens_per_s']:,.0f} tok/s" if last.get("tokens_per_s") else ""
-            progress.desc = f"distill {config.loss} step {done} loss {loss:.4f}{rate}"
+            rkl = f" on-policy rkl {last['onpolicy/rkl']:.3f}" if "onpolicy/rkl" in last else ""
+            progress.desc = f"distill {config.loss} step {done} loss {loss:.4f}{rate}{rkl}"
             progress.update(1)
     finally:
         progress.close()
         metrics.close()
-    save_checkpoint(out, config.max_steps, model, tokenizer, optimizer, scheduler, stream, noise_gen, config)
+        if onpolicy is not None:
+            onpolicy.close()
+    save_checkpoint(out, config.max_steps, model, tokenizer, optimizer, scheduler, stream, noise_gen, config, onpolicy)
     final = out / "final"
     shutil.rmtree(final, ignore_errors=True)
     model.save_pretrained(final)

@@ -18,3 +18,7 @@ class CacheError(HPDError):
 
 class CacheCorruptError(CacheError):
     """A cache's stored content violates the cache contract (found by ``verify``)."""
+
+
+class TeacherUnavailable(HPDError):
+    """An online teacher did not answer (connection refused, timeouts, 5xx) after retries."""

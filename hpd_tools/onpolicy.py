@@ -1,0 +1,243 @@
+"""On-policy rounds: the student samples continuations, an online teacher scores them.
+
+Every ``sample_every`` steps ``distill`` takes ``sample_prompts`` prompts (the
+prompt part of the cached data, in a seeded order of its own), samples a
+continuation for each from the current student (transformers ``generate``
+with the student's weights at that step, so no weight sync is needed),
+has the online teacher score prompt + continuation (actual-token log-prob and
+top-k: the content of a cache entry) and keeps the last ``onpolicy_buffer``
+rollouts. Until the next round, each step adds one micro-batch of rollouts to
+the cached ones; the step's loss is ``(1 - w) * L_cached + w * L_onpolicy``,
+each part normalised by its own response tokens, ``w = onpolicy_weight``.
+
+The quality curve of a round: the teacher-scored reverse KL of the student's
+own samples, per sampled token ``log pi_s(y) - log p_T(y)`` (pi_s at
+temperature 1, whatever the sampling temperature), and the teacher's NLL of
+them.
+
+A teacher that cannot be reached (server down, timeouts after retries) does
+not stop training: the round is skipped with a warning in the log and
+``onpolicy/teacher_unavailable`` in the metrics; training goes on with the
+cached data and the rollouts already in the buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .cache.reader import Batch, CachedSequence, CacheReader, collate
+from .engines.base import Scored
+from .errors import HPDError, TeacherUnavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Rollout:
+    """A sampled continuation with its teacher scores, in the cache's convention
+    (position i is about token i+1; loss_mask marks the sampled tokens)."""
+
+    tokens: np.ndarray  # int64 [L]
+    loss_mask: np.ndarray  # bool [L]
+    label_logprob: np.ndarray  # float32 [L]
+    topk_ids: np.ndarray  # int64 [L, k]
+    topk_logprobs: np.ndarray  # float32 [L, k]
+    truncated: bool
+
+    def as_sequence(self) -> CachedSequence:
+        return CachedSequence(-1, 0, self.tokens, self.loss_mask, self.label_logprob, self.topk_ids, self.topk_logprobs)
+
+
+def make_online_teacher(spec: str, *, engine: str, k: int, max_length: int, engine_args: dict[str, Any]) -> Any:
+    """A URL is a running vLLM server; a folder is loaded in-process (vLLM or hf)."""
+    if spec.startswith(("http://", "https://")):
+        from .engines.server import ServerTeacher
+
+        return ServerTeacher(spec, max_length=max_length, **engine_args)
+    if not Path(spec).is_dir():
+        raise HPDError(f"--online-teacher {spec}: neither an http(s) URL nor a model folder")
+    from .engines import make_teacher
+
+    if engine == "vllm":
+        # Small and co-resident with training: a bounded KV cache and GPU share.
+        import torch as _torch
+
+        sizing = {"gpu_memory_utilization": 0.2} if _torch.cuda.is_available() else {}
+        engine_args = {"enforce_eager": True, **sizing, **engine_args}
+    return make_teacher(engine, spec, k=k, max_length=max_length, engine_args=engine_args)
+
+
+def prompt_of(seq: CachedSequence) -> np.ndarray | None:
+    """The tokens before the first response token (None if the sequence has none)."""
+    first = np.flatnonzero(seq.loss_mask)
+    return None if not len(first) else seq.tokens[: first[0] + 1]
+
+
+def rollout_from(prompt: np.ndarray, completion: np.ndarray, scored: Scored, truncated: bool) -> Rollout:
+    tokens = np.concatenate([prompt, completion]).astype(np.int64)
+    n, k = len(tokens), scored.topk_ids.shape[1]
+    mask = np.zeros(n, dtype=bool)
+    mask[len(prompt) - 1 : n - 1] = True
+    label = np.zeros(n, dtype=np.float32)
+    label[: n - 1] = scored.label_logprob
+    ids = np.zeros((n, k), dtype=np.int64)
+    lps = np.zeros((n, k), dtype=np.float32)
+    ids[: n - 1][mask[: n - 1]] = scored.topk_ids[mask[: n - 1]]
+    lps[: n - 1][mask[: n - 1]] = scored.topk_logprobs[mask[: n - 1]]
+    return Rollout(tokens, mask, label, ids, lps, truncated)
+
+
+class OnPolicy:
+    """Sampling rounds, the rollout buffer and its share of each step."""
+
+    def __init__(self, config: Any, tokenizer: Any, prompt_cache: str, k: int, max_length: int):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.k = k
+        self.max_length = max_length
+        self.prompts = CacheReader(prompt_cache, seed=config.seed + 1000)
+        self.prompt_epoch, self.prompt_taken = 0, 0
+        self.buffer: deque[Rollout] = deque(maxlen=config.onpolicy_buffer)
+        self.rng = np.random.default_rng([config.seed, 11])
+        self.teacher: Any = None
+        self.unavailable = 0
+
+    # -- state -------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {"prompt_epoch": self.prompt_epoch, "prompt_taken": self.prompt_taken, "rng": self.rng.bit_generator.state}
+
+    def buffer_arrays(self) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {"count": np.array(len(self.buffer))}
+        for i, r in enumerate(self.buffer):
+            for name in ("tokens", "loss_mask", "label_logprob", "topk_ids", "topk_logprobs"):
+                out[f"{i}/{name}"] = getattr(r, name)
+            out[f"{i}/truncated"] = np.array(r.truncated)
+        return out
+
+    def load_state(self, state: dict[str, Any], arrays: dict[str, np.ndarray] | None) -> None:
+        self.prompt_epoch, self.prompt_taken = int(state["prompt_epoch"]), int(state["prompt_taken"])
+        self.rng.bit_generator.state = state["rng"]
+        self.buffer.clear()
+        if arrays is not None:
+            for i in range(int(arrays["count"])):
+                self.buffer.append(Rollout(*(arrays[f"{i}/{n}"] for n in ("tokens", "loss_mask", "label_logprob", "topk_ids", "topk_logprobs")), bool(arrays[f"{i}/truncated"])))
+
+    # -- a round -----------------------------------------------------------------
+    def _next_prompts(self, n: int) -> list[np.ndarray]:
+        out: list[np.ndarray] = []
+        while len(out) < n:
+            order = self.prompts.order(self.prompt_epoch)
+            if self.prompt_taken >= len(order):
+                self.prompt_epoch, self.prompt_taken = self.prompt_epoch + 1, 0
+                continue
+            seq = self.prompts.read_sequence(int(order[self.prompt_taken]))
+            self.prompt_taken += 1
+            prompt = prompt_of(seq)
+            if prompt is not None and len(prompt) + 1 < self.max_length:
+                out.append(prompt)
+        return out
+
+    @torch.no_grad()
+    def _sample(self, model: Any, prompts: list[np.ndarray], device: torch.device) -> list[tuple[np.ndarray, bool]]:
+        """Continuations from the student, left-padded batch, up to EOS or the limit."""
+        c = self.config
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        eos = self.tokenizer.eos_token_id
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, width - len(p):] = torch.from_numpy(p)
+            attn[i, width - len(p):] = 1
+        was_training = model.training
+        model.eval()
+        limit = min(c.sample_max_new_tokens, self.max_length - width)
+        out = model.generate(
+            input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True, temperature=c.sample_temperature,
+            top_k=0, top_p=1.0, max_new_tokens=max(limit, 1), eos_token_id=eos, pad_token_id=pad,
+        )
+        model.train(was_training)
+        completions = []
+        for row in out[:, width:].cpu().numpy():
+            hits = np.flatnonzero(row == eos) if eos is not None else []
+            if len(hits):
+                completions.append((row[: hits[0] + 1], False))
+            else:
+                completions.append((row, True))
+        return completions
+
+    @torch.no_grad()
+    def _student_logprobs(self, model: Any, rollouts: list[Rollout], device: torch.device) -> list[np.ndarray]:
+        """log pi_s (temperature 1) of each rollout's sampled tokens."""
+        batch = collate([r.as_sequence() for r in rollouts], self.k)
+        ids = torch.from_numpy(batch.input_ids).to(device)
+        attn = torch.zeros_like(ids)
+        for i, n in enumerate(batch.lengths):
+            attn[i, :n] = 1
+        logits = model(input_ids=ids, attention_mask=attn).logits.float()
+        lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0].cpu().numpy()
+        return [lp[i][: len(r.tokens) - 1][r.loss_mask[:-1]] for i, r in enumerate(rollouts)]
+
+    def round(self, model: Any, device: torch.device) -> dict[str, Any]:
+        """Sample, score, add to the buffer. Returns the round's metrics."""
+        c = self.config
+        prompts = self._next_prompts(c.sample_prompts)
+        t0 = time.time()
+        completions = self._sample(model, prompts, device)
+        sample_s = time.time() - t0
+        sequences = [np.concatenate([p, comp]) for p, (comp, _) in zip(prompts, completions)]
+        t0 = time.time()
+        try:
+            if self.teacher is None:
+                self.teacher = make_online_teacher(c.online_teacher, engine=c.online_engine, k=self.k, max_length=self.max_length, engine_args=c.online_engine_args)
+            scores = self.teacher.score(sequences, self.k)
+        except TeacherUnavailable as exc:
+            self.unavailable += 1
+            log.warning("on-policy round skipped: %s; training continues on cached data%s", exc, " and buffered rollouts" if self.buffer else "")
+            return {"onpolicy/teacher_unavailable": 1, "onpolicy/unavailable_rounds": self.unavailable, "onpolicy/buffer": len(self.buffer)}
+        score_s = time.time() - t0
+        rollouts = [rollout_from(p, comp, sc, trunc) for p, (comp, trunc), sc in zip(prompts, completions, scores)]
+        ls = self._student_logprobs(model, rollouts, device)
+        lt = [r.label_logprob[:-1][r.loss_mask[:-1]] for r in rollouts]
+        n_sampled = sum(len(x) for x in lt)
+        self.buffer.extend(rollouts)
+        gen_tokens = sum(len(comp) for comp, _ in completions)
+        return {
+            "onpolicy/rkl": float(sum((a - b).sum() for a, b in zip(ls, lt)) / max(n_sampled, 1)),
+            "onpolicy/teacher_nll": float(-sum(x.sum() for x in lt) / max(n_sampled, 1)),
+            "onpolicy/mean_length": gen_tokens / len(completions),
+            "onpolicy/frac_truncated": float(np.mean([t for _, t in completions])),
+            "onpolicy/sample_tokens_per_s": gen_tokens / sample_s if sample_s else None,
+            "onpolicy/score_tokens_per_s": sum(len(s) for s in sequences) / score_s if score_s else None,
+            "onpolicy/sample_seconds": sample_s,
+            "onpolicy/score_seconds": score_s,
+            "onpolicy/buffer": len(self.buffer),
+            "onpolicy/teacher_unavailable": 0,
+        }
+
+    def next_batch(self, batch_tokens: int) -> Batch | None:
+        """Rollouts drawn from the buffer (seeded), up to ``batch_tokens`` padded tokens."""
+        if not self.buffer:
+            return None
+        picks: list[CachedSequence] = []
+        width = 0
+        for i in self.rng.permutation(len(self.buffer)).tolist():
+            seq = self.buffer[i].as_sequence()
+            if picks and max(width, len(seq.tokens)) * (len(picks) + 1) > batch_tokens:
+                break
+            picks.append(seq)
+            width = max(width, len(seq.tokens))
+        return collate(picks, self.k)
+
+    def close(self) -> None:
+        if self.teacher is not None:
+            self.teacher.close()
+            self.teacher = None
