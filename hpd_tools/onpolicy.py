@@ -104,6 +104,7 @@ class OnPolicy:
         self.k = k
         self.max_length = max_length
         self.prompts = CacheReader(prompt_cache, seed=config.seed + 1000)
+        self.expected_vocab = int(self.prompts.store.attrs["teacher"].get("vocab_size") or 0)
         self.prompt_epoch, self.prompt_taken = 0, 0
         self.buffer: deque[Rollout] = deque(maxlen=config.onpolicy_buffer)
         self.rng = np.random.default_rng([config.seed, 11])
@@ -198,6 +199,8 @@ class OnPolicy:
         try:
             if self.teacher is None:
                 self.teacher = make_online_teacher(c.online_teacher, engine=c.online_engine, k=self.k, max_length=self.max_length, engine_args=c.online_engine_args)
+                if self.expected_vocab and self.teacher.vocab_size != self.expected_vocab:
+                    raise HPDError(f"--online-teacher {c.online_teacher}: vocabulary {self.teacher.vocab_size}, the cache's teacher has {self.expected_vocab}; the online teacher must share the cache's tokenizer")
             scores = self.teacher.score(sequences, self.k)
         except TeacherUnavailable as exc:
             self.unavailable += 1
