@@ -299,6 +299,17 @@ def import_gguf_cmd(gguf: str | None, out: str | None) -> None:
 
 
 @main.command()
+@click.option("--teacher", default=DEFAULT_TEACHER, show_default=True, help="Teacher model folder, or the packaged teacher's name.")
+@click.option("--keep", required=True, help="Decoder layers to keep, e.g. 0,6,12,18,24,29 or 0-3,29.")
+@click.option("--out", required=True, help="Student folder to write.")
+def prune(teacher: str, keep: str, out: str) -> None:
+    """Make a student by depth pruning: keep some of the teacher's layers, its embeddings and tokenizer."""
+    from .models import parse_layers, prune_layers, resolve_teacher
+
+    _run(lambda: click.echo(str(prune_layers(resolve_teacher(teacher), out, parse_layers(keep)))))
+
+
+@main.command()
 @click.option("--data", "data_path", default=DEFAULT_DATA, show_default=True)
 @click.option("--engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True)
 def demo(data_path: str, engine: str) -> None:

@@ -90,3 +90,56 @@ def resolve_teacher(name_or_path: str) -> str:
         out.parent.mkdir(parents=True, exist_ok=True)
         return str(import_gguf(packaged_gguf(name_or_path), out))
     return name_or_path
+
+
+def prune_layers(teacher: str | os.PathLike, out: str | os.PathLike, keep: list[int]) -> Path:
+    """A student made from ``teacher`` by depth pruning: the decoder layers in
+    ``keep`` (in that order), with the teacher's embeddings, final norm, LM head
+    and tokenizer. Returns ``out``, a folder transformers and vLLM load.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    teacher, out = Path(teacher), Path(out)
+    if not (teacher / "config.json").is_file():
+        raise HPDError(f"--teacher {teacher}: not a model folder (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise HPDError(f"--teacher {teacher}: {type(model).__name__} has no model.layers to prune")
+    n = len(layers)
+    if not keep or len(set(keep)) != len(keep) or any(not 0 <= i < n for i in keep):
+        raise HPDError(f"--keep {','.join(map(str, keep))}: give distinct layer indices between 0 and {n - 1}")
+    model.model.layers = torch.nn.ModuleList([layers[i] for i in keep])
+    for new_index, layer in enumerate(model.model.layers):
+        attn = getattr(layer, "self_attn", None)
+        if attn is not None and hasattr(attn, "layer_idx"):
+            attn.layer_idx = new_index
+    model.config.num_hidden_layers = len(keep)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(teacher).save_pretrained(tmp)
+    meta = {"pruned_from": str(teacher.resolve()), "kept_layers": keep, "teacher_layers": n}
+    (tmp / "hpd_prune.json").write_text(__import__("json").dumps(meta, indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def parse_layers(spec: str) -> list[int]:
+    """'0,6,12' or '0-5,10' -> [0, 6, 12] / [0, 1, 2, 3, 4, 5, 10]."""
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            if "-" in part:
+                a, b = part.split("-")
+                out.extend(range(int(a), int(b) + 1))
+            elif part.strip():
+                out.append(int(part))
+    except ValueError:
+        raise HPDError(f"--keep {spec}: expected layer indices like 0,6,12 or 0-5,10") from None
+    return out

@@ -66,3 +66,4 @@ def test_distill_recipes_load(name):
     assert config.loss in ("hpd", "fkl") and config.max_steps > 0
     with pytest.raises(HPDError, match="unknown key 'learning_rate'"):
         build(DistillConfig, {**values, "caches": ["c"], "student": "s", "learning_rate": 1})
+
