@@ -300,6 +300,30 @@ def import_gguf_cmd(gguf: str | None, out: str | None) -> None:
 
 @main.command()
 @click.option("--teacher", default=DEFAULT_TEACHER, show_default=True, help="Teacher model folder, or the packaged teacher's name.")
+@click.option("--data", "data_path", required=True, help="Prompts: {\"prompt\"} or chat records (a trailing assistant turn is regenerated).")
+@click.option("--out", required=True, help="JSONL of chat records with the teacher's responses.")
+@click.option("--n", default=1, show_default=True, help="Responses per prompt.")
+@click.option("--temperature", default=0.7, show_default=True)
+@click.option("--top-p", default=0.95, show_default=True)
+@click.option("--max-new-tokens", default=256, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True)
+def generate(teacher: str, data_path: str, out: str, n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int, engine: str) -> None:
+    """Sample responses from the teacher for prompt-only records (the off-policy data)."""
+    from .generate import GenerateConfig, generate_responses
+    from .models import resolve_teacher
+
+    def go() -> None:
+        summary = generate_responses(GenerateConfig(teacher=resolve_teacher(teacher), data=data_path, out=out, n=n, temperature=temperature,
+                                                    top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, engine=engine))
+        click.echo(json.dumps(summary), err=True)
+        click.echo(summary["out"])
+
+    _run(go)
+
+
+@main.command()
+@click.option("--teacher", default=DEFAULT_TEACHER, show_default=True, help="Teacher model folder, or the packaged teacher's name.")
 @click.option("--keep", required=True, help="Decoder layers to keep, e.g. 0,6,12,18,24,29 or 0-3,29.")
 @click.option("--out", required=True, help="Student folder to write.")
 def prune(teacher: str, keep: str, out: str) -> None:
