@@ -27,8 +27,15 @@ other caches' rows) into ``--cache`` when that folder does not hold it yet. The
 student is the teacher depth-pruned to ``--keep-layers`` (same tokenizer). Each
 row starts from the same pruned weights and fresh AdamW (float32), runs
 ``--warmup`` steps, then times ``--steps`` steps ``--repeats`` times over the
-same batches and keeps the best repeat (the machine is shared). Tokens/s
+same batches and keeps the best repeat (the machine is shared; the repeats
+are interleaved across rows, so a burst of outside load spoils one pass of
+every row rather than a whole row). Tokens/s
 counts the batches' real (unpadded) tokens.
+
+The default run takes ~2 minutes on 2 idle CPU cores (plus ~1-3 minutes the
+first time, to build the cache). CPU timings are very sensitive to other
+processes: with 2 busy threads from elsewhere on a 2-core machine every row
+slows ~4x (OpenMP oversubscription), hence the interleaved best-of.
 
 Goals reported against: HPD >= 0.9x SFT, and HPD faster than the online step by
 at least the teacher's share, i.e. HPD step time <= online step time x (1 -
@@ -41,7 +48,6 @@ import argparse
 import copy
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -105,50 +111,57 @@ class OnlineTeacher:
         return replace(batch, topk_ids=topk_ids, topk_logprobs=topk_logprobs, label_logprob=label_logprob)
 
 
-def run_row(name, base_student, loss, batches_for, teacher, args, device):
-    """Warm-up then ``--repeats`` timed passes over the same ``--steps`` batches.
+class Row:
+    """One kind of step: its own copy of the student, AdamW, noise generator and batches.
 
-    ``batches_for(phase)`` yields the batches: phase "warmup" or "timed" (the
-    timed ones from the same starting point each repeat). Returns the row.
+    ``batches_for(phase)`` yields the batches: phase "warmup", or "timed" (the
+    same timed batches, from the same starting point, on every pass).
     """
-    import torch
 
-    from hpd_tools.distill import DistillConfig, micro_step
+    def __init__(self, name, base_student, loss, batches_for, teacher, args, device):
+        import torch
 
-    torch.manual_seed(0)
-    model = copy.deepcopy(base_student).to(device).train()
-    config = DistillConfig(caches=["-"], student="-", out="-", loss=loss, batch_tokens=args.batch_tokens, loss_chunk_tokens=args.chunk)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-    noise_gen = torch.Generator().manual_seed(0)
+        from hpd_tools.distill import DistillConfig
 
-    def step(batch):
-        if teacher is not None:
-            batch = teacher.fill(batch, device)
+        self.name, self.loss, self.batches_for, self.teacher, self.device = name, loss, batches_for, teacher, device
+        self.model = copy.deepcopy(base_student).to(device).train()
+        self.config = DistillConfig(caches=["-"], student="-", out="-", loss=loss, batch_tokens=args.batch_tokens, loss_chunk_tokens=args.chunk)
+        c = self.config
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=c.lr, betas=c.betas, weight_decay=c.weight_decay)
+        self.noise_gen = torch.Generator().manual_seed(0)
+        self.best = None
+
+    def step(self, batch) -> int:
+        """One optimizer step as ``train`` does it (grad_accum 1); returns the batch's real tokens."""
+        import torch
+
+        from hpd_tools.distill import micro_step
+
+        if self.teacher is not None:
+            batch = self.teacher.fill(batch, self.device)
         n_active = int(batch.loss_mask.sum())
-        micro_step(model, batch, noise_gen, config, device, 1.0 / n_active)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        micro_step(self.model, batch, self.noise_gen, self.config, self.device, 1.0 / n_active)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         return batch.n_tokens
 
-    for batch in batches_for("warmup"):
-        step(batch)
-    best = None
-    for _ in range(args.repeats):
-        if teacher is not None:
-            teacher.seconds = 0.0
+    def warmup(self) -> None:
+        for batch in self.batches_for("warmup"):
+            self.step(batch)
+
+    def timed_pass(self, steps: int) -> None:
+        if self.teacher is not None:
+            self.teacher.seconds = 0.0
         tokens, start = 0, time.perf_counter()
-        for batch in batches_for("timed"):
-            tokens += step(batch)
+        for batch in self.batches_for("timed"):  # the stream's reads are inside the timing
+            tokens += self.step(batch)
         seconds = time.perf_counter() - start
-        teacher_s = teacher.seconds if teacher is not None else 0.0
-        if best is None or seconds < best["seconds"]:
-            best = {"row": name, "loss": loss, "tokens": tokens, "seconds": seconds, "teacher_seconds": teacher_s}
-        print(f"  {name}: {tokens} tokens in {seconds:.2f} s ({tokens / seconds:,.0f} tokens/s)", file=sys.stderr, flush=True)
-    best["tokens_per_s"] = best["tokens"] / best["seconds"]
-    best["step_seconds"] = best["seconds"] / args.steps
-    del model, optimizer
-    return best
+        teacher_s = self.teacher.seconds if self.teacher is not None else 0.0
+        print(f"  {self.name}: {tokens} tokens in {seconds:.2f} s ({tokens / seconds:,.0f} tokens/s)", file=sys.stderr, flush=True)
+        if self.best is None or seconds < self.best["seconds"]:
+            self.best = {"row": self.name, "loss": self.loss, "tokens": tokens, "seconds": seconds, "teacher_seconds": teacher_s,
+                         "tokens_per_s": tokens / seconds, "step_seconds": seconds / steps}
 
 
 def main() -> None:
@@ -235,13 +248,17 @@ def main() -> None:
         flush=True,
     )
 
-    rows = []
-    for loss in args.losses:
-        rows.append(run_row(f"{loss} from cache", student, loss, stream_batches(), None, args, device))
-    rows.append(run_row("sft from cache", student, "sft", stream_batches(), None, args, device))
-    for loss in args.losses:
-        teacher = OnlineTeacher(teacher_model, args.k, args.chunk)
-        rows.append(run_row(f"{loss}, online teacher", student, loss, preloaded, teacher, args, device))
+    runs = [Row(f"{loss} from cache", student, loss, stream_batches(), None, args, device) for loss in args.losses]
+    runs.append(Row("sft from cache", student, "sft", stream_batches(), None, args, device))
+    runs += [Row(f"{loss}, online teacher", student, loss, preloaded, OnlineTeacher(teacher_model, args.k, args.chunk), args, device) for loss in args.losses]
+    for run in runs:
+        run.warmup()
+    # Repeats interleaved across rows, so a burst of load from other processes on
+    # the machine hits one pass of every row rather than all passes of one row.
+    for _ in range(args.repeats):
+        for run in runs:
+            run.timed_pass(args.steps)
+    rows = [run.best for run in runs]
 
     by = {r["row"]: r for r in rows}
     sft = by["sft from cache"]
