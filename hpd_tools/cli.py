@@ -334,6 +334,30 @@ def prune(teacher: str, keep: str, out: str) -> None:
 
 
 @main.command()
+@click.option("--config", "config_path", default="recipes/smollm2-135m/pipeline.yaml", show_default=True, help="PipelineConfig YAML.")
+@click.option("--out", default=None, help="Run folder (overrides the recipe's).")
+@click.option("--max-steps", type=int, default=None, help="Distill steps (overrides the recipe's distill.max_steps).")
+def pipeline(config_path: str, out: str | None, max_steps: int | None) -> None:
+    """The whole recipe: import teacher, prune student, generate, cache, distill, evaluate."""
+    from .config import build, load_yaml
+    from .pipeline import PipelineConfig, run_pipeline
+
+    def go() -> None:
+        values = load_yaml(config_path) if Path(config_path).exists() or config_path != "recipes/smollm2-135m/pipeline.yaml" else {}
+        if out:
+            values["out"] = out
+        if max_steps is not None:
+            values.setdefault("distill", {})["max_steps"] = max_steps
+        config = build(PipelineConfig, values, where=f"--config {config_path}")
+        report = run_pipeline(config)
+        click.echo((Path(config.out) / "report.md").read_text(), err=True)
+        click.echo(str(Path(config.out) / "report.json"))
+        del report
+
+    _run(go)
+
+
+@main.command()
 @click.option("--data", "data_path", default=DEFAULT_DATA, show_default=True)
 @click.option("--engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True)
 def demo(data_path: str, engine: str) -> None:

@@ -129,8 +129,10 @@ def _sample(config: GenerateConfig, tokenizer: Any, prompts: list[list[int]], pr
         args.update(config.engine_args or {})
         llm = LLM(**args)
         try:
+            # The engine-level seed makes sampling reproducible; a per-request seed
+            # fails on vLLM's CPU backend ("CPU Generator does not use offset").
             params = SamplingParams(n=config.n, temperature=config.temperature, top_p=config.top_p, max_tokens=config.max_new_tokens,
-                                    seed=config.seed, stop_token_ids=[eos] if eos is not None else None)
+                                    stop_token_ids=[eos] if eos is not None else None)
             outputs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
             progress.update(len(prompts) * config.n)
             return [[c.text for c in o.outputs] for o in outputs]

@@ -1,0 +1,198 @@
+"""The end-to-end recipe: from a packaged GGUF teacher to a distilled student and a report.
+
+Steps, each skipped when its output is already there (so a rerun continues):
+
+1. teacher: import the GGUF teacher into a Hugging Face folder (logits checked);
+2. student: depth-prune the teacher (``student_layers``);
+3. generate: the teacher's own responses to the train and held-out prompts;
+4. cache: top-k caches of both (content-addressed, under the cache root);
+5. distill: train the student on the train cache (``DistillConfig`` fields
+   under ``distill``), with on-policy rounds when ``distill.sample_every`` is set;
+6. evaluate: the pruned student before training and the trained one, on the
+   held-out cache (forward KL to the teacher on its top-k, NLLs) and on their
+   own samples for held-out prompts scored by the teacher (reverse KL,
+   teacher NLL), with a few outputs next to the teacher's.
+
+Writes ``report.json`` and ``report.md`` in ``out``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from .cache import CacheConfig, build_cache
+from .config import build
+from .distill import DistillConfig, evaluate, train
+from .errors import HPDError
+from .generate import GenerateConfig, generate_responses
+from .models import parse_layers, prune_layers, resolve_teacher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PipelineConfig:
+    out: str = "runs/smollm2-135m"
+    teacher: str = "smollm2-135m-instruct"
+    student_layers: str = "0,6,12,18,24,29"
+    train_prompts: str = "data/instructions/train.jsonl"
+    heldout_prompts: str = "data/instructions/heldout.jsonl"
+    max_train_prompts: int = 0  # 0: all
+    max_heldout_prompts: int = 0
+    generate: dict[str, Any] = field(default_factory=lambda: {"n": 1, "temperature": 0.7, "max_new_tokens": 128, "seed": 0})
+    top_k: int = 64
+    engine: str = "vllm"
+    distill: dict[str, Any] = field(default_factory=dict)
+    eval_prompts: int = 12
+    eval_max_new_tokens: int = 64
+    eval_show: int = 3
+    seed: int = 0
+
+
+def _limit(path: str, n: int, out: Path) -> str:
+    if not n:
+        return path
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()][:n]
+    out.write_text("".join(line + "\n" for line in lines))
+    return str(out)
+
+
+def _stage(name: str) -> float:
+    log.info("== %s", name)
+    return time.time()
+
+
+def onpolicy_eval(model: Any, tokenizer: Any, teacher_dir: str, prompt_cache: str, n_prompts: int, max_new_tokens: int, seed: int) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """The student's own samples for held-out prompts, scored by the teacher
+    (transformers engine): reverse KL and teacher NLL per sampled token."""
+    from .onpolicy import OnPolicy
+
+    cfg = SimpleNamespace(seed=seed, onpolicy_buffer=n_prompts, sample_prompts=n_prompts, sample_max_new_tokens=max_new_tokens,
+                          sample_temperature=1.0, online_teacher=teacher_dir, online_engine="hf", online_engine_args={})
+    torch.manual_seed(seed)
+    from .cache.layout import CacheStore
+
+    store = CacheStore(prompt_cache)
+    op = OnPolicy(cfg, tokenizer, prompt_cache, k=store.k, max_length=int(store.attrs["max_length"]))
+    metrics = op.round(model, torch.device("cpu"))
+    texts = []
+    for r in op.buffer:
+        cut = int(r.loss_mask.argmax()) + 1
+        texts.append((tokenizer.decode(r.tokens[:cut], skip_special_tokens=True), tokenizer.decode(r.tokens[cut:], skip_special_tokens=True)))
+    op.close()
+    return metrics, texts
+
+
+@dataclass
+class Prepared:
+    """Outputs of steps 1-4, shared by every distillation run of one recipe."""
+
+    teacher: str
+    student: Path
+    data: dict[str, str]
+    caches: dict[str, str]
+
+
+def prepare(config: PipelineConfig, timings: dict[str, float] | None = None) -> Prepared:
+    """Steps 1-4: teacher, pruned student, teacher responses, caches."""
+    timings = timings if timings is not None else {}
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    t = _stage("1/6 teacher: import the packaged GGUF")
+    teacher = resolve_teacher(config.teacher)
+    timings["teacher"] = time.time() - t
+
+    t = _stage("2/6 student: depth pruning")
+    student = out / "student-pruned"
+    if not (student / "config.json").exists():
+        prune_layers(teacher, student, parse_layers(config.student_layers))
+    timings["student"] = time.time() - t
+
+    t = _stage("3/6 generate: the teacher's responses")
+    data = {}
+    for split, prompts, limit in (("train", config.train_prompts, config.max_train_prompts), ("heldout", config.heldout_prompts, config.max_heldout_prompts)):
+        target = out / f"{split}.teacher.jsonl"
+        if not target.exists():
+            source = _limit(prompts, limit, out / f"{split}.prompts.jsonl")
+            generate_responses(GenerateConfig(teacher=teacher, data=source, out=str(target), engine=config.engine, **config.generate))
+        data[split] = str(target)
+    timings["generate"] = time.time() - t
+
+    t = _stage("4/6 cache: teacher top-k")
+    caches = {split: build_cache(CacheConfig(teacher=teacher, data=path, top_k=config.top_k, engine=config.engine)).location for split, path in data.items()}
+    timings["cache"] = time.time() - t
+    return Prepared(teacher, student, data, caches)
+
+
+def distill_run(config: PipelineConfig, prep: Prepared, run_dir: Path, distill: dict[str, Any], seed: int) -> DistillConfig:
+    """Step 5 for one set of distill options (resumes or skips a finished run)."""
+    values = {"caches": [prep.caches["train"]], "student": str(prep.student), "out": str(run_dir), "eval_cache": prep.caches["heldout"], "seed": seed, **distill}
+    if values.get("sample_every") and not values.get("online_teacher"):
+        values["online_teacher"] = prep.teacher
+    dcfg = build(DistillConfig, values, where="pipeline distill")
+    if not (run_dir / "final" / "config.json").exists():
+        dcfg.resume = run_dir.exists()
+        train(dcfg)
+    return dcfg
+
+
+def evaluate_model(config: PipelineConfig, prep: Prepared, model_dir: Path, dcfg: DistillConfig) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+    """Step 6 for one model: held-out cache metrics and teacher-scored own samples."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(prep.student)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    metrics = evaluate(model, prep.caches["heldout"], dcfg, torch.device("cpu"))
+    on, texts = onpolicy_eval(model, tokenizer, prep.teacher, prep.caches["heldout"], config.eval_prompts, config.eval_max_new_tokens, config.seed)
+    return {**metrics, **{k: v for k, v in on.items() if k in ("onpolicy/rkl", "onpolicy/teacher_nll", "onpolicy/mean_length")}}, texts
+
+
+def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
+    timings: dict[str, float] = {}
+    prep = prepare(config, timings)
+    out = Path(config.out)
+
+    t = _stage("5/6 distill")
+    run_dir = out / "distill"
+    dcfg = distill_run(config, prep, run_dir, config.distill, config.seed)
+    timings["distill"] = time.time() - t
+
+    t = _stage("6/6 evaluate")
+    rows, samples = {}, {}
+    for name, path in (("pruned student", prep.student), ("distilled student", run_dir / "final")):
+        rows[name], samples[name] = evaluate_model(config, prep, path, dcfg)
+    timings["evaluate"] = time.time() - t
+
+    heldout = [json.loads(line) for line in Path(prep.data["heldout"]).read_text().splitlines()]
+    examples = []
+    first = next(iter(samples.values()))
+    for i in range(min(config.eval_show, len(first))):
+        prompt_text = first[i][0]
+        match = next((r for r in heldout if r["messages"][-2]["content"] in prompt_text), None)
+        examples.append({"prompt": match["messages"][-2]["content"] if match else prompt_text, "teacher": match["messages"][-1]["content"] if match else "",
+                         **{name: samples[name][i][1] for name in samples}})
+    report = {"config": asdict(config), "caches": prep.caches, "metrics": rows, "timings_s": {k: round(v, 1) for k, v in timings.items()}, "examples": examples}
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(_markdown(report))
+    return report
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    lines = ["# Distillation report", "", "| model | held-out fkl (top-k) | student NLL | teacher NLL of data | on-policy rkl | teacher NLL of own samples |", "|---|---|---|---|---|---|"]
+    for name, m in report["metrics"].items():
+        lines.append(f"| {name} | {m['eval/fkl_topk']:.3f} | {m['eval/student_nll']:.3f} | {m['eval/teacher_nll']:.3f} | {m.get('onpolicy/rkl', float('nan')):.3f} | {m.get('onpolicy/teacher_nll', float('nan')):.3f} |")
+    lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items()), ""]
+    for ex in report["examples"]:
+        lines += ["---", f"**Prompt**: {ex['prompt']}", "", f"**Teacher**: {ex['teacher']}", ""]
+        for name in report["metrics"]:
+            lines += [f"**{name}**: {ex.get(name, '')}", ""]
+    return "\n".join(lines)
