@@ -5,7 +5,8 @@ Steps, each skipped when its output is already there (so a rerun continues):
 1. teacher: import the GGUF teacher into a Hugging Face folder (logits checked);
 2. student: depth-prune the teacher (``student_layers``);
 3. generate: the teacher's own responses to the train and held-out prompts;
-4. cache: top-k caches of both (content-addressed, under the cache root);
+4. cache: top-k caches of both (content-addressed, under the cache root),
+   each checked with ``verify``;
 5. distill: train the student on the train cache (``DistillConfig`` fields
    under ``distill``), with on-policy rounds when ``distill.sample_every`` is set;
 6. evaluate: the pruned student before training and the trained one, on the
@@ -28,7 +29,7 @@ from typing import Any
 
 import torch
 
-from .cache import CacheConfig, build_cache
+from .cache import CacheConfig, build_cache, verify_cache
 from .config import build
 from .distill import DistillConfig, evaluate, train
 from .errors import HPDError
@@ -129,6 +130,8 @@ def prepare(config: PipelineConfig, timings: dict[str, float] | None = None) -> 
 
     t = _stage("4/6 cache: teacher top-k")
     caches = {split: build_cache(CacheConfig(teacher=teacher, data=path, top_k=config.top_k, engine=config.engine)).location for split, path in data.items()}
+    for location in caches.values():
+        verify_cache(location)
     timings["cache"] = time.time() - t
     return Prepared(teacher, student, data, caches)
 
