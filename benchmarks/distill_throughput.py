@@ -178,6 +178,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--losses", nargs="+", default=["hpd"], help="distillation losses to compare (each gets a cache row and an online row)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--round-prompts", type=int, default=8, help="prompts in the timed on-policy round (0: skip it)")
+    parser.add_argument("--round-new-tokens", type=int, default=64)
     parser.add_argument("--json", default=None, help="also write the rows here")
     args = parser.parse_args()
 
@@ -290,9 +292,44 @@ def main() -> None:
         print(f"{'':<15}{loss} step - (online step - teacher) = {gap:+.2f} s/step; the cache read alone is {read_s:.2f} s/batch, so beyond the "
               f"teacher's share the two differ only by that read and noise")
         summary[loss] = {"vs_sft": vs_sft, "vs_online": vs_online, "teacher_share": share, "needed_vs_online": needed}
+    round_cost = None
+    if args.round_prompts:
+        round_cost = onpolicy_round_cost(student, teacher_dir, cache, args, by["hpd from cache"] if "hpd from cache" in by else rows[0])
     print(f"\nwall time {time.perf_counter() - wall:.0f} s", flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary, "cache_read_s_per_batch": read_s, "args": vars(args)}, indent=2))
+        Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary, "cache_read_s_per_batch": read_s, "onpolicy_round": round_cost, "args": vars(args)}, indent=2))
+
+
+def onpolicy_round_cost(student, teacher_dir: str, cache: Path, args, step_row: dict) -> dict:
+    """One on-policy round (student generate + online teacher scoring, transformers
+    engine in-process) against a training step, per 1k tokens, so a user can pick
+    --sample-every: a round every N steps adds (round seconds / N) to each step."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from hpd_tools.onpolicy import OnPolicy
+
+    cfg = SimpleNamespace(seed=0, onpolicy_buffer=args.round_prompts, sample_prompts=args.round_prompts, sample_max_new_tokens=args.round_new_tokens,
+                          sample_temperature=1.0, online_teacher=teacher_dir, online_engine="hf", online_engine_args={})
+    op = OnPolicy(cfg, AutoTokenizer.from_pretrained(teacher_dir), str(cache), k=args.k, max_length=2048)
+    op.round(student, torch.device("cpu"))  # warm-up: loads the online teacher
+    m = op.round(student, torch.device("cpu"))
+    op.close()
+    generated = m["onpolicy/mean_length"] * args.round_prompts
+    scored = m["onpolicy/score_tokens_per_s"] * m["onpolicy/score_seconds"]
+    round_s = m["onpolicy/sample_seconds"] + m["onpolicy/score_seconds"]
+    step_per_1k = 1000 / step_row["tokens_per_s"]
+    out = {"prompts": args.round_prompts, "generated_tokens": generated, "scored_tokens": scored, "sample_s": m["onpolicy/sample_seconds"],
+           "score_s": m["onpolicy/score_seconds"], "round_s": round_s, "sample_s_per_1k_generated": 1000 * m["onpolicy/sample_seconds"] / max(generated, 1),
+           "score_s_per_1k_scored": 1000 * m["onpolicy/score_seconds"] / max(scored, 1), "train_step_s_per_1k": step_per_1k,
+           "train_step_s": step_row["step_seconds"]}
+    print(f"\non-policy round ({args.round_prompts} prompts, {generated:.0f} generated tokens, {scored:.0f} scored): "
+          f"{round_s:.1f} s = sampling {out['sample_s']:.1f} s ({out['sample_s_per_1k_generated']:.1f} s per 1k generated tokens) + "
+          f"scoring {out['score_s']:.1f} s ({out['score_s_per_1k_scored']:.2f} s per 1k scored tokens); "
+          f"a training step: {step_row['step_seconds']:.2f} s ({step_per_1k:.2f} s per 1k tokens). "
+          f"One round costs {round_s / step_row['step_seconds']:.1f} steps: --sample-every N adds {100 * round_s / step_row['step_seconds']:.0f}/N % to training time.")
+    return out
 
 
 if __name__ == "__main__":
