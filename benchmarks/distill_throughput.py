@@ -190,7 +190,7 @@ def main() -> None:
     from hpd_tools import CacheConfig, build_cache
     from hpd_tools.distill import check_caches, load_student
     from hpd_tools.models import resolve_teacher
-    from hpd_tools.stream import CacheStream
+    from hpd_tools.stream import CacheStream, Prefetcher
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -223,9 +223,14 @@ def main() -> None:
                     yield stream.next_batch()
                 after_warmup["state"] = stream.state()
             else:
+                # As train() does: the next batch is read while the current one trains.
                 stream.load_state(after_warmup["state"])
-                for _ in range(args.steps):
-                    yield stream.next_batch()
+                ahead = Prefetcher(stream)
+                try:
+                    for _ in range(args.steps):
+                        yield ahead.next_batch()
+                finally:
+                    ahead.close()
 
         return batches_for
 
@@ -306,6 +311,7 @@ def onpolicy_round_cost(student, teacher_dir: str, cache: Path, args, step_row: 
     --sample-every: a round every N steps adds (round seconds / N) to each step."""
     from types import SimpleNamespace
 
+    import torch
     from transformers import AutoTokenizer
 
     from hpd_tools.onpolicy import OnPolicy

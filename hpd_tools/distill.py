@@ -39,7 +39,7 @@ from .errors import HPDError
 from .hashing import tokenizer_hash
 from .losses import LOSSES, Targets, compute_loss
 from .progress import Progress
-from .stream import CacheStream
+from .stream import CacheStream, Prefetcher
 
 log = logging.getLogger(__name__)
 
@@ -221,7 +221,7 @@ def _checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in out.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
 
 
-def save_checkpoint(out: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, stream: CacheStream, noise_gen: torch.Generator, config: DistillConfig, onpolicy: Any = None) -> Path:
+def save_checkpoint(out: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, stream: CacheStream | Prefetcher, noise_gen: torch.Generator, config: DistillConfig, onpolicy: Any = None) -> Path:
     """step-XXXXXX/: the student (HF format), optimizer + scheduler, and meta.json
     (config, step, stream position, RNG). Written under .tmp and renamed."""
     final = out / f"step-{step:06d}"
@@ -382,6 +382,8 @@ def train(config: DistillConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
     metrics = _Metrics(out, start_step if config.resume else None)
+    # The next batch is read and decoded while the current one trains.
+    batches_in = Prefetcher(stream)
 
     progress = Progress(total=config.max_steps, unit="steps", desc=f"distill {config.loss}")
     progress.update(start_step, count_rate=False)
@@ -395,7 +397,7 @@ def train(config: DistillConfig) -> dict[str, Any]:
             if onpolicy is not None and step % config.sample_every == 0:
                 latest_round = onpolicy.round(model, device)
                 metrics.log(step, latest_round)
-            batches = [stream.next_batch() for _ in range(config.grad_accum)]
+            batches = [batches_in.next_batch() for _ in range(config.grad_accum)]
             n_active = sum(int(b.loss_mask.sum()) for b in batches)
             if n_active == 0:
                 raise HPDError(f"step {step + 1}: the batch has no response tokens; check the caches' loss masks")
@@ -443,7 +445,7 @@ def train(config: DistillConfig) -> dict[str, Any]:
                 latest_eval = evaluate(model, config.eval_cache, config, device)
                 metrics.log(done, latest_eval)
             if config.save_every and done % config.save_every == 0 and done < config.max_steps:
-                save_checkpoint(out, done, model, tokenizer, optimizer, scheduler, stream, noise_gen, config, onpolicy)
+                save_checkpoint(out, done, model, tokenizer, optimizer, scheduler, batches_in, noise_gen, config, onpolicy)
             last = {**step_metrics, **latest_round, **latest_eval}
             rate = f" {last['tokens_per_s']:,.0f} tok/s" if last.get("tokens_per_s") else ""
             rkl = f" on-policy rkl {last['onpolicy/rkl']:.3f}" if "onpolicy/rkl" in last else ""
@@ -452,9 +454,10 @@ def train(config: DistillConfig) -> dict[str, Any]:
     finally:
         progress.close()
         metrics.close()
+        batches_in.close()
         if onpolicy is not None:
             onpolicy.close()
-    save_checkpoint(out, config.max_steps, model, tokenizer, optimizer, scheduler, stream, noise_gen, config, onpolicy)
+    save_checkpoint(out, config.max_steps, model, tokenizer, optimizer, scheduler, batches_in, noise_gen, config, onpolicy)
     final = out / "final"
     shutil.rmtree(final, ignore_errors=True)
     model.save_pretrained(final)

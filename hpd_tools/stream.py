@@ -100,3 +100,34 @@ class CacheStream:
         self.rng.bit_generator.state = state["rng"]
         carry = state.get("carry")
         self.carry = None if carry is None else (int(carry[0]), self.sources[int(carry[0])].reader.read_sequence(int(carry[1])))
+
+
+class Prefetcher:
+    """Reads the next batch in a background thread while the current one trains.
+
+    ``state()`` is the position before the batch waiting in the prefetch slot,
+    so a checkpoint records exactly the batches handed out (the prefetched one
+    is read again after a resume).
+    """
+
+    def __init__(self, stream: CacheStream):
+        import concurrent.futures
+
+        self.stream = stream
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpd-prefetch")
+        self._next = self._pool.submit(self._read)
+
+    def _read(self) -> tuple[dict[str, Any], Batch]:
+        state = self.stream.state()
+        return state, self.stream.next_batch()
+
+    def next_batch(self) -> Batch:
+        _, batch = self._next.result()
+        self._next = self._pool.submit(self._read)
+        return batch
+
+    def state(self) -> dict[str, Any]:
+        return self._next.result()[0]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
