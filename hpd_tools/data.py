@@ -128,12 +128,18 @@ def _iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
         raise DataError(f"{path}: unknown data format '{suffix}'; use .jsonl, .json, .parquet or a saved datasets folder")
 
 
-def normalise_record(record: Any, fields: Fields) -> list[dict[str, str]]:
-    """Turn a raw record into a list of chat messages, or raise _BadRow."""
+def as_object(record: Any) -> dict[str, Any]:
+    """The raw record as a mapping, or _BadRow (a row that did not parse, or not an object)."""
     if isinstance(record, _BadRow):
         raise record
     if not isinstance(record, dict):
         raise _BadRow(f"record is a {type(record).__name__}, not an object")
+    return record
+
+
+def normalise_record(record: Any, fields: Fields) -> list[dict[str, str]]:
+    """Turn a raw record into a list of chat messages, or raise _BadRow."""
+    record = as_object(record)
     if record.get(fields.messages) is not None:
         messages = record[fields.messages]
         if not isinstance(messages, list) or not messages:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import Fields, _BadRow, _iter_rows
+from .data import Fields, _BadRow, _iter_rows, as_object
 from .errors import DataError, HPDError
 from .progress import Progress
 
@@ -51,10 +51,7 @@ class GenerateConfig:
 
 
 def _prompt_messages(record: Any, fields: Fields) -> list[dict[str, str]]:
-    if isinstance(record, _BadRow):
-        raise record
-    if not isinstance(record, dict):
-        raise _BadRow(f"record is a {type(record).__name__}, not an object")
+    record = as_object(record)
     if isinstance(record.get(fields.messages), list):
         messages = [{"role": m.get("role"), "content": m.get("content")} for m in record[fields.messages] if isinstance(m, dict)]
         while messages and messages[-1]["role"] == "assistant":
