@@ -65,8 +65,12 @@ def _prompt_messages(record: Any, fields: Fields) -> list[dict[str, str]]:
     return [{"role": "user", "content": prompt}]
 
 
-def generate_responses(config: GenerateConfig) -> dict[str, Any]:
-    """Sample ``n`` teacher responses per prompt; returns a summary."""
+def generate_responses(config: GenerateConfig, llm: Any = None) -> dict[str, Any]:
+    """Sample ``n`` teacher responses per prompt; returns a summary.
+
+    ``llm``: a ``vllm.LLM`` of the teacher already running (kept open), to
+    generate several files with one engine start.
+    """
     config.validate()
     from transformers import AutoTokenizer
 
@@ -92,7 +96,7 @@ def generate_responses(config: GenerateConfig) -> dict[str, Any]:
         raise DataError(f"{path}: no usable prompts")
     started = time.time()
     progress = Progress(total=len(items) * config.n, unit="responses", desc="generate")
-    texts = _sample(config, tokenizer, [ids for _, _, ids in items], progress)
+    texts = _sample(config, tokenizer, [ids for _, _, ids in items], progress, llm)
     progress.close()
     out = Path(config.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -110,21 +114,32 @@ def generate_responses(config: GenerateConfig) -> dict[str, Any]:
     return {"out": str(out), "prompts": len(items), "responses": written, "empty_responses": empty, "skipped_rows": skipped, "seconds": round(time.time() - started, 1)}
 
 
-def _sample(config: GenerateConfig, tokenizer: Any, prompts: list[list[int]], progress: Progress) -> list[list[str]]:
+def start_vllm(teacher: str, *, seed: int = 0, max_model_len: int | None = None, engine_args: dict[str, Any] | None = None) -> Any:
+    """An in-process vLLM engine for generation (float32 and in-process engine core on CPU)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    from vllm import LLM
+
+    args = {"model": teacher, "seed": seed, **({"dtype": "float32"} if not torch.cuda.is_available() else {})}
+    if max_model_len:
+        args["max_model_len"] = max_model_len
+    args.update(engine_args or {})
+    return LLM(**args)
+
+
+def _sample(config: GenerateConfig, tokenizer: Any, prompts: list[list[int]], progress: Progress, llm: Any = None) -> list[list[str]]:
     eos = tokenizer.eos_token_id
     if config.engine == "vllm":
-        import torch
-
-        if not torch.cuda.is_available():
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-        from vllm import LLM, SamplingParams
+        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        longest = max(len(p) for p in prompts) + config.max_new_tokens
-        args = {"model": config.teacher, "seed": config.seed, "max_model_len": longest + 1, **({"dtype": "float32"} if not torch.cuda.is_available() else {})}
-        args.update(config.engine_args or {})
-        llm = LLM(**args)
+        own = llm is None
+        if own:
+            longest = max(len(p) for p in prompts) + config.max_new_tokens
+            llm = start_vllm(config.teacher, seed=config.seed, max_model_len=longest + 1, engine_args=config.engine_args)
         try:
             # The engine-level seed makes sampling reproducible; a per-request seed
             # fails on vLLM's CPU backend ("CPU Generator does not use offset").
@@ -134,10 +149,11 @@ def _sample(config: GenerateConfig, tokenizer: Any, prompts: list[list[int]], pr
             progress.update(len(prompts) * config.n)
             return [[c.text for c in o.outputs] for o in outputs]
         finally:
-            try:
-                llm.llm_engine.engine_core.shutdown()
-            except Exception as exc:  # a finished generation must not fail at shutdown
-                log.debug("vLLM shutdown: %s", exc)
+            if own:
+                try:
+                    llm.llm_engine.engine_core.shutdown()
+                except Exception as exc:  # a finished generation must not fail at shutdown
+                    log.debug("vLLM shutdown: %s", exc)
     import torch
     from transformers import AutoModelForCausalLM
 

@@ -33,7 +33,7 @@ from .cache import CacheConfig, build_cache, verify_cache
 from .config import build
 from .distill import DistillConfig, evaluate, train
 from .errors import HPDError
-from .generate import GenerateConfig, generate_responses
+from .generate import GenerateConfig, generate_responses, start_vllm
 from .models import parse_layers, prune_layers, resolve_teacher
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,19 @@ def _limit(path: str, n: int, out: Path) -> str:
     lines = [line for line in Path(path).read_text().splitlines() if line.strip()][:n]
     out.write_text("".join(line + "\n" for line in lines))
     return str(out)
+
+
+def _shutdown(llm: Any) -> None:
+    if llm is not None:
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception as exc:  # a finished step must not fail at shutdown
+            log.debug("vLLM shutdown: %s", exc)
+
+
+def build_cache_is_complete(config: CacheConfig) -> bool:
+    """Whether ``build_cache(config)`` would find its cache complete (no teacher work)."""
+    return build_cache(config, dry_run=True).complete
 
 
 def _stage(name: str) -> float:
@@ -119,17 +132,34 @@ def prepare(config: PipelineConfig, timings: dict[str, float] | None = None) -> 
     timings["student"] = time.time() - t
 
     t = _stage("3/6 generate: the teacher's responses")
-    data = {}
+    data, todo = {}, []
     for split, prompts, limit in (("train", config.train_prompts, config.max_train_prompts), ("heldout", config.heldout_prompts, config.max_heldout_prompts)):
         target = out / f"{split}.teacher.jsonl"
         if not target.exists():
-            source = _limit(prompts, limit, out / f"{split}.prompts.jsonl")
-            generate_responses(GenerateConfig(teacher=teacher, data=source, out=str(target), engine=config.engine, **config.generate))
+            todo.append((_limit(prompts, limit, out / f"{split}.prompts.jsonl"), target))
         data[split] = str(target)
+    if todo:
+        # One engine for both splits: a vLLM start costs as much as the generation here.
+        llm = start_vllm(teacher, seed=int(config.generate.get("seed", 0))) if config.engine == "vllm" else None
+        try:
+            for source, target in todo:
+                generate_responses(GenerateConfig(teacher=teacher, data=source, out=str(target), engine=config.engine, **config.generate), llm=llm)
+        finally:
+            _shutdown(llm)
     timings["generate"] = time.time() - t
 
     t = _stage("4/6 cache: teacher top-k")
-    caches = {split: build_cache(CacheConfig(teacher=teacher, data=path, top_k=config.top_k, engine=config.engine)).location for split, path in data.items()}
+    configs = {split: CacheConfig(teacher=teacher, data=path, top_k=config.top_k, engine=config.engine) for split, path in data.items()}
+    engine = None
+    if config.engine == "vllm" and not all(build_cache_is_complete(c) for c in configs.values()):
+        from .engines.vllm import VLLMTeacher
+
+        engine = VLLMTeacher(teacher, k=config.top_k, max_length=max(c.max_length for c in configs.values()))
+    try:
+        caches = {split: build_cache(c, teacher=engine).location for split, c in configs.items()}
+    finally:
+        if engine is not None:
+            engine.close()
     for location in caches.values():
         verify_cache(location)
     timings["cache"] = time.time() - t

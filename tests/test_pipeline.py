@@ -41,3 +41,17 @@ def test_pipeline_on_the_tiny_teacher(trained_teacher, tmp_path):
     # A rerun finds every step done.
     again = run_pipeline(config)
     assert again["caches"] == report["caches"] and again["timings_s"]["generate"] < 1
+
+
+def test_pipeline_with_vllm_engines(trained_teacher, tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "pipeline_vllm.py"), str(trained_teacher), str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(result["caches"]) == {"train", "heldout"}
+    rows = [json.loads(line) for line in (tmp_path / "run" / "train.teacher.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and all(r["messages"][-1]["role"] == "assistant" for r in rows)
+    assert (tmp_path / "run" / "report.json").exists()

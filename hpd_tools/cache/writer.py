@@ -209,12 +209,13 @@ def _unit_buffers(n: int, k: int, ids_dtype: np.dtype) -> dict[str, np.ndarray]:
     }
 
 
-def build_cache(config: CacheConfig, teacher: TeacherEngine | None = None) -> CacheResult:
+def build_cache(config: CacheConfig, teacher: TeacherEngine | None = None, dry_run: bool = False) -> CacheResult:
     """Create or complete the cache for ``config``; see the module docstring.
 
     ``teacher``: an engine already running (kept open afterwards), to score
     several datasets without reloading the model; by default one is started
     when there is teacher work and closed at the end.
+    ``dry_run``: only say where the cache is and whether it is complete.
     """
     config.validate()
     started = time.time()
@@ -249,6 +250,10 @@ def build_cache(config: CacheConfig, teacher: TeacherEngine | None = None) -> Ca
     key = hash_obj({"compat": compat, "data": fingerprint})[:32]
     out = Path(config.out) if config.out else cache_root() / key
 
+    if dry_run:
+        complete = is_cache(out) and CacheStore(out).key == key and CacheStore(out).complete
+        return CacheResult(location=str(out), key=key, complete=complete, already_complete=complete, sequences=len(examples),
+                           tokens=plan.n_tokens, response_tokens=int(plan.loss_mask.sum()), units_total=plan.n_units, data=report.as_dict())
     if is_cache(out):
         store = CacheStore(out)
         if store.key != key:
