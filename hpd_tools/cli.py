@@ -361,7 +361,7 @@ def pipeline(config_path: str, out: str | None, max_steps: int | None) -> None:
 @click.option("--data", "data_path", default=DEFAULT_DATA, show_default=True)
 @click.option("--engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True)
 def demo(data_path: str, engine: str) -> None:
-    """The embedded default job: import the packaged teacher, cache the bundled data, verify it."""
+    """The cache stage alone on the embedded default: import the packaged teacher, cache the bundled data, verify."""
     from .cache import CacheConfig, build_cache, cache_info, verify_cache
     from .models import resolve_teacher
 
