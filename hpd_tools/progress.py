@@ -58,7 +58,8 @@ class Progress:
         remaining = self.total - self.done
         eta = _fmt_seconds(remaining / rate) if rate > 0 else "?"
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        return f"{self.desc}: {self.done}/{self.total} {self.unit} ({pct:.0f}%) {rate:,.0f} {self.unit}/s ETA {eta}"
+        shown = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2f}"
+        return f"{self.desc}: {self.done}/{self.total} {self.unit} ({pct:.0f}%) {shown} {self.unit}/s ETA {eta}"
 
     def _print(self, final: bool) -> None:
         text = self.line()
