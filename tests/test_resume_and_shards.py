@@ -98,3 +98,23 @@ def test_bad_shard_spec(teacher, tmp_path, spec):
     data = write_jsonl(tmp_path / "d.jsonl", train_records(2))
     proc = subprocess.run(cache_cmd(teacher, data, tmp_path / "c", "--shard", spec), capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "--shard" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_two_identical_commands_share_the_work(teacher, tmp_path):
+    data = write_jsonl(tmp_path / "d.jsonl", variants(2))
+    out = tmp_path / "same"
+    procs = [subprocess.Popen(cache_cmd(teacher, data, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=600) for p in procs]
+    computed = []
+    for p, (stdout, stderr) in zip(procs, results):
+        assert p.returncode == 0, stderr
+        assert stdout.strip() == str(out)
+        line = next(x for x in stderr.splitlines() if "units computed" in x)
+        done, total = line.split("units computed ")[1].split(",")[0].split("/")
+        computed.append(int(done))
+    total = int(total)
+    assert sum(computed) == total, computed  # every unit computed once, by one of them
+    assert not list((out / "progress").glob("*.claim"))
+    reference = build_cache(config(teacher, data, out=str(tmp_path / "ref"), chunk_tokens=512, batch_tokens=1024, reuse=False))
+    assert_same_content(arrays(out), arrays(reference.location), exact=True)
+    assert verify_cache(out).complete

@@ -24,6 +24,11 @@ safety and sharding: its chunks are written whole, then the marker
 ``progress/unit-XXXXXXXX.json`` records it as done. A unit without a marker is
 recomputed from scratch, so a killed writer never leaves half a unit as data.
 Writers sharing a cache own disjoint units (unit u belongs to shard u mod N).
+Within a shard, a writer claims each unit before computing it
+(``progress/unit-XXXXXXXX.claim``, created exclusively); a second command on
+the same cache and shard skips units a live writer holds, then waits for
+their markers, so two identical commands started at once share the work. A
+claim whose process is gone (same host) is taken over.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -141,8 +147,36 @@ class CacheStore:
             return set()
         return {int(p.name[5:13]) for p in folder.glob("unit-*.json")}
 
+    def is_done(self, unit: int) -> bool:
+        return (self.path / unit_marker(unit)).exists()
+
     def read_marker(self, unit: int) -> dict[str, Any]:
         return json.loads((self.path / unit_marker(unit)).read_text())
+
+    def claim(self, unit: int) -> bool:
+        """Take unit ``unit`` for this process, unless a live writer on this host
+        holds it. A claim left by a dead process (a killed writer) is taken over."""
+        path = self.path / "progress" / f"unit-{unit:08d}.claim"
+        me = f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    host, pid = path.read_text().split()
+                except (OSError, ValueError):
+                    return False  # being written by its owner right now
+                if host != socket.gethostname() or _alive(int(pid)):
+                    return False
+                path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            return True
+        return False
+
+    def release(self, unit: int) -> None:
+        (self.path / "progress" / f"unit-{unit:08d}.claim").unlink(missing_ok=True)
 
     def write_unit(self, unit: int, arrays: dict[str, np.ndarray], stats: dict[str, Any]) -> None:
         """Write one unit's teacher arrays, make them durable, then mark it done."""
@@ -234,6 +268,16 @@ def is_cache(path: Path) -> bool:
         return ATTR in json.loads(meta.read_text()).get("attributes", {})
     except (OSError, ValueError):
         return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync(path: Path) -> None:

@@ -313,7 +313,14 @@ def _fill(store: CacheStore, plan: Plan, config: CacheConfig, dtype: str, result
     total = sum(plan.unit_range(u)[1] - plan.unit_range(u)[0] for u in pending)
     progress = Progress(total=total, unit="tok", desc=f"cache shard {index}/{count}")
     try:
+        waiting: list[int] = []
         for unit in pending:
+            if not store.claim(unit):
+                waiting.append(unit)  # another writer of this cache and shard is on it
+                continue
+            if store.is_done(unit):  # finished by another writer since this one listed its work
+                store.release(unit)
+                continue
             start, end = plan.unit_range(unit)
             buffers = _unit_buffers(end - start, k, ids_dtype)
             jobs = []  # (sequence start, local a, local b, prefix tokens)
@@ -368,13 +375,31 @@ def _fill(store: CacheStore, plan: Plan, config: CacheConfig, dtype: str, result
                 progress.update(sum(b - a for _, a, b, _ in batch))
             progress.update((end - start) - sum(b - a for _, a, b, _ in jobs), count_rate=False)
             store.write_unit(unit, buffers, {"unit": unit, "sequences_reused": reused, "tokens_scored": scored_tokens, **distortion})
+            store.release(unit)
             result.units_computed += 1
             result.sequences_reused = len(reused_sequences)
             result.tokens_scored += scored_tokens
+        if waiting:
+            progress.note(f"{len(waiting)} unit(s) are being written by another process; waiting for them")
+            _wait_for(store, waiting)
     finally:
         progress.close()
         if own_teacher and teacher is not None:
             teacher.close()
+
+
+def _wait_for(store: CacheStore, units: list[int], poll: float = 0.5) -> None:
+    """Wait until other writers finish ``units``; a unit whose writer died is an error
+    that names it (rerunning the command computes it)."""
+    remaining = set(units)
+    while remaining:
+        remaining -= store.done_units()
+        for unit in sorted(remaining):
+            if store.claim(unit):  # its writer is gone: the unit is free again
+                store.release(unit)
+                raise HPDError(f"{store.path}: the writer of unit {unit} stopped before finishing it; rerun the command to compute it")
+        if remaining:
+            time.sleep(poll)
 
 
 def _batches(jobs: list, budget: int) -> list[list]:
