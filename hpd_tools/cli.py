@@ -193,6 +193,7 @@ def cache(ctx: click.Context, config_path: str | None, as_json: bool, **_: Any) 
 @click.option("--onpolicy-weight", default=0.5, show_default=True, help="Share of each step's loss from rollouts.")
 @click.option("--onpolicy-buffer", default=64, show_default=True, help="Scored rollouts kept and reused.")
 @click.option("--prompt-cache", default=None, help="Cache whose prompts are sampled from (default: the first --cache).")
+@click.option("--fsdp", is_flag=True, default=None, help="Under torchrun: shard the student with FSDP2 instead of replicating it with DDP.")
 @click.pass_context
 def distill(ctx: click.Context, config_path: str | None, **_: Any) -> None:
     """Train a student from teacher caches with HPD or a baseline loss."""

@@ -19,6 +19,7 @@ The loop, top to bottom (``train``):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -39,7 +40,8 @@ from .errors import HPDError
 from .hashing import tokenizer_hash
 from .losses import LOSSES, Targets, compute_loss
 from .progress import Progress
-from .stream import CacheStream, Prefetcher
+from .parallel import World, full_state, init_world, load_optimizer, wrap
+from .stream import Prefetcher, StepStream
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,8 @@ class DistillConfig:
     onpolicy_weight: float = 0.5  # share of each step's loss that comes from rollouts
     onpolicy_buffer: int = 64  # rollouts kept and reused
     prompt_cache: str | None = None  # where prompts come from; default: the first --cache
+    # Under torchrun (hpd_tools/parallel.py): shard the student with FSDP2 instead of replicating it (DDP)
+    fsdp: bool = False
 
     def validate(self) -> None:
         if not self.caches:
@@ -215,65 +219,122 @@ def chunked_loss(model: Any, hidden: torch.Tensor, targets: Targets, config: Dis
     return total, stats
 
 
+# -- the student as one module ------------------------------------------------------
+
+class StudentLoss(torch.nn.Module):
+    """The student's forward pass and chunked loss for one micro-batch, as one
+    module, so DDP and FSDP2 see a single forward (and backward) per micro-batch.
+    ``evaluate=True`` returns the eval sums instead (see :func:`evaluate`)."""
+
+    def __init__(self, model: Any, config: DistillConfig):
+        super().__init__()
+        self.model = model
+        self.config = config
+
+    def forward(self, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, targets: Targets, evaluate: bool = False) -> Any:
+        hidden = self.model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state[mask]
+        if not evaluate:
+            return chunked_loss(self.model, hidden, targets, self.config)
+        head, c = self.model.get_output_embeddings(), self.config.loss_chunk_tokens
+        sums = torch.zeros(4, dtype=torch.float64, device=hidden.device)
+        for a in range(0, hidden.shape[0], c):
+            b = min(a + c, hidden.shape[0])
+            ls = torch.log_softmax(head(hidden[a:b]).float(), dim=-1)
+            lt = targets.topk_logprobs[a:b]
+            sums[0] += (lt.exp() * (lt - ls.gather(-1, targets.topk_ids[a:b]))).sum().double()
+            sums[1] -= ls.gather(-1, targets.labels[a:b, None]).sum().double()
+            sums[2] -= targets.label_logprob[a:b].sum().double()
+        sums[3] = hidden.shape[0]
+        return sums
+
+
+def _as_step_module(model: Any, config: DistillConfig) -> Any:
+    return StudentLoss(model, config) if hasattr(model, "get_output_embeddings") else model
+
+
 # -- checkpoints -------------------------------------------------------------------
 
 def _checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in out.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
 
 
-def save_checkpoint(out: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, stream: CacheStream | Prefetcher, noise_gen: torch.Generator, config: DistillConfig, onpolicy: Any = None) -> Path:
-    """step-XXXXXX/: the student (HF format), optimizer + scheduler, and meta.json
-    (config, step, stream position, RNG). Written under .tmp and renamed."""
+def save_checkpoint(out: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, stream: StepStream | Prefetcher, noise: dict[int, torch.Generator], config: DistillConfig, onpolicy: Any = None, world: World | None = None) -> Path:
+    """step-XXXXXX/: the student (HF format), optimizer (keyed by parameter name)
+    + scheduler, and meta.json (config, step, every data slot's stream position
+    and RNG). Rank 0 writes it under .tmp and renames; a collective under
+    torchrun (every rank calls it)."""
+    world = world or World()
+    model_state, optim_state = full_state(model, optimizer, world, fsdp=config.fsdp)
+    slots: dict[str, Any] = {}
+    for part in world.gather({"stream": stream.state()["slots"], "noise": {str(j): g.get_state().tolist() for j, g in noise.items()}}):
+        for j, st in part["stream"].items():
+            slots.setdefault(j, {})["stream"] = st
+        for j, st in part["noise"].items():
+            slots[j]["noise_rng"] = st
+    onpolicy_parts = world.gather((onpolicy.state(), onpolicy.buffer_arrays())) if onpolicy is not None else None
     final = out / f"step-{step:06d}"
-    tmp = out / f"step-{step:06d}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp / "model")
-    tokenizer.save_pretrained(tmp / "model")
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
-    meta = {
-        "step": step,
-        "config": asdict(config),
-        "stream": stream.state(),
-        "noise_rng": noise_gen.get_state().tolist(),
-        "torch_rng": torch.get_rng_state().tolist(),
-    }
-    if onpolicy is not None:
-        meta["onpolicy"] = onpolicy.state()
-        np.savez(tmp / "onpolicy.npz", **onpolicy.buffer_arrays())
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    if world.main:
+        tmp = out / f"step-{step:06d}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp / "model", state_dict=model_state)
+        tokenizer.save_pretrained(tmp / "model")
+        torch.save({"optimizer": optim_state, "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        meta = {
+            "step": step,
+            "config": asdict(config),
+            "world_size": world.world_size,
+            "n_slots": world.world_size * config.grad_accum,
+            "slots": slots,
+            "torch_rng": torch.get_rng_state().tolist(),
+        }
+        if onpolicy_parts is not None:
+            meta["onpolicy"] = [state for state, _ in onpolicy_parts]
+            for r, (_, arrays) in enumerate(onpolicy_parts):
+                np.savez(tmp / f"onpolicy-rank{r}.npz", **arrays)
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+    world.barrier()
     return final
 
 
 # -- eval ------------------------------------------------------------------------------
 
 @torch.no_grad()
-def evaluate(model: Any, path: str, config: DistillConfig, device: torch.device) -> dict[str, float]:
+def evaluate(model: Any, path: str, config: DistillConfig, device: torch.device, world: World | None = None) -> dict[str, float]:
     """Per response token: forward KL to the teacher on its top-k support, the
-    teacher's NLL of the data tokens (a fixed reference) and the student's."""
+    teacher's NLL of the data tokens (a fixed reference) and the student's.
+
+    Under torchrun, batch i is evaluated by rank i mod world_size and the sums
+    are added up; every rank runs the same number of forwards (FSDP2 needs them
+    in step), the short ones repeating a batch with weight 0."""
+    world = world or World()
+    step_module = _as_step_module(model, config)
     reader = CacheReader(path, shuffle=False)
-    base, head = model.base_model, model.get_output_embeddings()
-    fkl = student_nll = teacher_nll = 0.0
-    count = 0
-    was_training = model.training
-    model.eval()
+    n = len(reader.batch_plan(config.batch_tokens))
+    if config.eval_batches:
+        n = min(n, config.eval_batches)
+    rounds = -(-n // world.world_size)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    was_training = step_module.training
+    step_module.eval()
+    done, last = 0, None
     for i, batch in enumerate(reader.batches(config.batch_tokens)):
-        if config.eval_batches and i >= config.eval_batches:
+        if i >= n:
             break
-        ids, attn, t = to_targets(batch, device)
-        hidden = base(input_ids=ids, attention_mask=attn).last_hidden_state[torch.from_numpy(batch.loss_mask)]
-        for a in range(0, hidden.shape[0], config.loss_chunk_tokens):
-            b = min(a + config.loss_chunk_tokens, hidden.shape[0])
-            ls = torch.log_softmax(head(hidden[a:b]).float(), dim=-1)
-            lt = t.topk_logprobs[a:b]
-            fkl += float((lt.exp() * (lt - ls.gather(-1, t.topk_ids[a:b]))).sum())
-            student_nll -= float(ls.gather(-1, t.labels[a:b, None]).sum())
-            teacher_nll -= float(t.label_logprob[a:b].sum())
-        count += hidden.shape[0]
-    model.train(was_training)
-    n = max(count, 1)
-    return {"eval/fkl_topk": fkl / n, "eval/student_nll": student_nll / n, "eval/teacher_nll": teacher_nll / n, "eval/tokens": count}
+        last = batch
+        if i % world.world_size == world.rank:
+            ids, attn, t = to_targets(batch, device)
+            sums += step_module(ids, attn, torch.from_numpy(batch.loss_mask).to(device), t, evaluate=True)
+            done += 1
+    while last is not None and done < rounds:  # keep FSDP2's collectives in step
+        ids, attn, t = to_targets(last, device)
+        step_module(ids, attn, torch.from_numpy(last.loss_mask).to(device), t, evaluate=True)
+        done += 1
+    step_module.train(was_training)
+    fkl, student_nll, teacher_nll, count = world.sum(sums.tolist())
+    c = max(count, 1)
+    return {"eval/fkl_topk": fkl / c, "eval/student_nll": student_nll / c, "eval/teacher_nll": teacher_nll / c, "eval/tokens": int(count)}
 
 
 # -- the loop --------------------------------------------------------------------------
@@ -310,44 +371,89 @@ class _Metrics:
 
 def micro_step(model: Any, batch: Batch, noise_gen: torch.Generator, config: DistillConfig, device: torch.device, scale: float) -> tuple[float, dict[str, torch.Tensor]]:
     """Forward + backward of one micro-batch, its loss scaled by ``scale`` (1 / the
-    step's response tokens). Returns the unscaled loss sum and diagnostic sums."""
+    step's response tokens). ``model`` is the student, or its StudentLoss under
+    DDP/FSDP2. Returns the unscaled loss sum and diagnostic sums."""
+    step_module = _as_step_module(model, config)
     ids, attn, targets = to_targets(batch, device)
     targets.noise = torch.rand(targets.labels.shape[0], generator=noise_gen).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
     with autocast:
-        hidden = model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state
-        hidden = hidden[torch.from_numpy(batch.loss_mask).to(device)]
-        loss_sum, stats = chunked_loss(model, hidden, targets, config)
+        loss_sum, stats = step_module(ids, attn, torch.from_numpy(batch.loss_mask).to(device), targets)
     (loss_sum * scale).backward()
     return float(loss_sum.detach()), stats
 
 
+def _noise_generator(seed: int, stream: int) -> torch.Generator:
+    """The HPD sampler's noise for one data slot (``stream`` >= 0) or one rank's rollouts (< 0)."""
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, stream + (1 << 20)]).generate_state(1)[0]))
+
+
+def _find_resume(out: Path, config: DistillConfig, world: World) -> tuple[Path | None, str | None]:
+    """Rank 0's view of --out: the checkpoint to resume from, or why the run may not start."""
+    existing = _checkpoints(out) if out.exists() else []
+    if config.resume and existing:
+        ckpt = existing[-1]
+        meta = json.loads((ckpt / "meta.json").read_text())
+        n_slots = world.world_size * config.grad_accum
+        if meta.get("n_slots") != n_slots:
+            return None, (
+                f"--resume {ckpt}: written with {meta.get('n_slots')} data slots ({meta.get('world_size')} processes x --grad-accum "
+                f"{meta.get('config', {}).get('grad_accum')}), this run has {n_slots} ({world.world_size} x {config.grad_accum}); "
+                "resume with processes x --grad-accum equal to the checkpoint's"
+            )
+        if "onpolicy" in meta and meta.get("world_size") != world.world_size:
+            return None, f"--resume {ckpt}: on-policy state was saved by {meta.get('world_size')} processes; resume it with as many"
+        return ckpt, None
+    if not config.resume and (existing or (out / "metrics.jsonl").exists()):
+        return None, f"--out {out}: holds an earlier run; pass --resume to continue it, or choose another --out"
+    return None, None
+
+
 def train(config: DistillConfig) -> dict[str, Any]:
-    """Run (or resume) a distillation; returns the last logged metrics."""
+    """Run (or resume) a distillation; returns the last logged metrics.
+
+    Under torchrun every rank runs this; rank 0 alone writes --out (metrics,
+    checkpoints, final/) and loads checkpoints, which it broadcasts.
+    """
     config.validate()
+    world = init_world()
+    try:
+        return _train(config, world)
+    finally:
+        world.close()
+
+
+def _train(config: DistillConfig, world: World) -> dict[str, Any]:
     out = Path(config.out)
+    if config.fsdp and world.distributed and config.sample_every:
+        raise HPDError("--fsdp with --sample-every: on-policy rounds sample from the whole student; use DDP (drop --fsdp) for on-policy runs")
+    # Rank 0 decides whether and where to resume; every rank learns the outcome.
+    ckpt, problem = _find_resume(out, config, world) if world.main else (None, None)
+    ckpt, problem = world.broadcast((ckpt, problem))
+    if problem:
+        raise HPDError(problem)
     torch.manual_seed(config.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = world.device
     model, tokenizer = load_student(config.student)
     check_caches(config.caches, tokenizer)
     if config.eval_cache:
         check_caches([config.eval_cache], tokenizer, what="--eval-cache")
-    model.to(device).train()
     head = model.get_output_embeddings()
     if head is None or not hasattr(model, "base_model"):
         raise HPDError(f"--student {config.student}: no output embedding (LM head) to distill into")
 
-    stream = CacheStream(config.caches, weights=config.cache_weights or None, batch_tokens=config.batch_tokens, seed=config.seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
-    noise_gen = torch.Generator().manual_seed(config.seed)
+    n_slots = world.world_size * config.grad_accum
+    my_slots = list(range(world.rank * config.grad_accum, (world.rank + 1) * config.grad_accum))
+    stream = StepStream(config.caches, slots=my_slots, n_slots=n_slots, weights=config.cache_weights or None, batch_tokens=config.batch_tokens, seed=config.seed)
+    noise = {j: _noise_generator(config.seed, j) for j in my_slots}
+    rollout_noise = _noise_generator(config.seed, -1 - world.rank)
     onpolicy = None
     if config.sample_every:
         from .onpolicy import OnPolicy
 
         prompt_cache = config.prompt_cache or config.caches[0]
         store = check_caches([prompt_cache], tokenizer, what="--prompt-cache")[0]
-        onpolicy = OnPolicy(config, tokenizer, prompt_cache, k=stream.k, max_length=int(store.attrs["max_length"]))
+        onpolicy = OnPolicy(config, tokenizer, prompt_cache, k=stream.k, max_length=int(store.attrs["max_length"]), rank=world.rank, world_size=world.world_size)
         if not config.online_teacher.startswith(("http://", "https://")):
             from transformers import AutoTokenizer
 
@@ -358,69 +464,108 @@ def train(config: DistillConfig) -> dict[str, Any]:
             if theirs != store.attrs["tokenizer_hash"]:
                 raise HPDError(f"--online-teacher {config.online_teacher}: tokenizer {theirs[:16]} differs from the cache's {store.attrs['tokenizer_hash'][:16]}; the online teacher must share the cache's tokenizer")
 
-    start_step = 0
-    existing = _checkpoints(out) if out.exists() else []
-    if config.resume and existing:
-        ckpt = existing[-1]
-        meta = json.loads((ckpt / "meta.json").read_text())
+    meta = json.loads((ckpt / "meta.json").read_text()) if ckpt is not None and world.main else None
+    meta = world.broadcast(meta)
+    if ckpt is not None and world.main:
         from transformers import AutoModelForCausalLM
 
         model.load_state_dict(AutoModelForCausalLM.from_pretrained(ckpt / "model", dtype=torch.float32).state_dict())
-        states = torch.load(ckpt / "optimizer.pt", weights_only=False)
-        optimizer.load_state_dict(states["optimizer"])
-        scheduler.load_state_dict(states["scheduler"])
-        stream.load_state(meta["stream"])
-        noise_gen.set_state(torch.tensor(meta["noise_rng"], dtype=torch.uint8))
+    model.to(device).train()
+    if ckpt is not None and world.distributed:  # ranks other than 0 take rank 0's weights
+        for tensor in model.state_dict().values():
+            torch.distributed.broadcast(tensor, src=0)
+    module = wrap(StudentLoss(model, config), model, world, fsdp=config.fsdp)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+
+    start_step = 0
+    if ckpt is not None:
+        states = torch.load(ckpt / "optimizer.pt", weights_only=False) if world.main else None
+        load_optimizer(model, optimizer, states["optimizer"] if states else {}, world)
+        scheduler.load_state_dict(world.broadcast(states["scheduler"] if states else None))
+        stream.load_state({"slots": {j: st["stream"] for j, st in meta["slots"].items()}})
+        for j, gen in noise.items():
+            gen.set_state(torch.tensor(meta["slots"][str(j)]["noise_rng"], dtype=torch.uint8))
         torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
         start_step = int(meta["step"])
         if onpolicy is not None and "onpolicy" in meta:
-            arrays = dict(np.load(ckpt / "onpolicy.npz")) if (ckpt / "onpolicy.npz").exists() else None
-            onpolicy.load_state(meta["onpolicy"], arrays)
+            path = ckpt / f"onpolicy-rank{world.rank}.npz"
+            arrays = dict(np.load(path)) if path.exists() else None
+            onpolicy.load_state(meta["onpolicy"][world.rank], arrays)
         log.info("resuming from %s (step %d)", ckpt, start_step)
-    elif not config.resume and (existing or (out / "metrics.jsonl").exists()):
-        raise HPDError(f"--out {out}: holds an earlier run; pass --resume to continue it, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
-    metrics = _Metrics(out, start_step if config.resume else None)
-    # The next batch is read and decoded while the current one trains.
+    metrics = None
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+        metrics = _Metrics(out, start_step if config.resume else None)
+    # The next step's micro-batches are read and decoded while this one trains.
     batches_in = Prefetcher(stream)
 
-    progress = Progress(total=config.max_steps, unit="steps", desc=f"distill {config.loss}")
-    progress.update(start_step, count_rate=False)
+    progress = Progress(total=config.max_steps, unit="steps", desc=f"distill {config.loss}") if world.main else None
+    if progress is not None:
+        progress.update(start_step, count_rate=False)
     last: dict[str, Any] = {}
     step_metrics: dict[str, Any] = {}
     latest_round: dict[str, Any] = {}
     latest_eval: dict[str, Any] = {}
     window_tokens, window_start = 0, time.time()
+    sync = getattr(module, "no_sync", None)  # DDP: all-reduce once, after the last backward of the step
     try:
         for step in range(start_step, config.max_steps):
             if onpolicy is not None and step % config.sample_every == 0:
                 latest_round = onpolicy.round(model, device)
-                metrics.log(step, latest_round)
-            batches = [batches_in.next_batch() for _ in range(config.grad_accum)]
-            n_active = sum(int(b.loss_mask.sum()) for b in batches)
+                if world.distributed:
+                    keys = sorted(k for k, v in latest_round.items() if isinstance(v, (int, float)))
+                    latest_round = dict(zip(keys, (v / world.world_size for v in world.sum([float(latest_round[k]) for k in keys]))))
+                if metrics is not None:
+                    metrics.log(step, latest_round)
+            batches = batches_in.next_batch()
+            rollouts = onpolicy.next_batch(config.batch_tokens) if onpolicy is not None and config.onpolicy_weight > 0 else None
+            n_active, n_on, have_rollouts = world.sum([
+                sum(int(b.loss_mask.sum()) for b in batches),
+                int(rollouts.loss_mask.sum()) if rollouts is not None else 0,
+                0.0 if rollouts is not None else 1.0,
+            ])
             if n_active == 0:
                 raise HPDError(f"step {step + 1}: the batch has no response tokens; check the caches' loss masks")
-            rollouts = onpolicy.next_batch(config.batch_tokens) if onpolicy is not None and config.onpolicy_weight > 0 else None
+            if have_rollouts > 0:  # some rank has none: the step goes without, on every rank
+                rollouts = None
             w = config.onpolicy_weight if rollouts is not None else 0.0
-            loss_total = 0.0
+            # DDP and FSDP2 average gradients over ranks; the scale makes that a sum,
+            # divided once by the global count of response tokens.
+            scale = world.world_size / n_active
+            loss_local = 0.0
             stats: dict[str, float] = {}
-            for batch in batches:
-                loss_sum, batch_stats = micro_step(model, batch, noise_gen, config, device, (1.0 - w) / n_active)
-                loss_total += loss_sum
+            passes: list[tuple[Batch, torch.Generator, float]] = [(b, noise[j], (1.0 - w) * scale) for b, j in zip(batches, my_slots)]
+            if rollouts is not None:
+                passes.append((rollouts, rollout_noise, w * world.world_size / n_on))
+            on_local = 0.0
+            for i, (batch, gen, batch_scale) in enumerate(passes):
+                final_pass = i == len(passes) - 1
+                if config.fsdp and world.distributed:
+                    module.set_requires_gradient_sync(final_pass)
+                context = sync() if sync is not None and not final_pass else contextlib.nullcontext()
+                with context:
+                    loss_sum, batch_stats = micro_step(module, batch, gen, config, device, batch_scale)
+                if batch is rollouts:
+                    on_local = loss_sum
+                    continue
+                loss_local += loss_sum
                 for name, value in batch_stats.items():
                     stats[name] = stats.get(name, 0.0) + float(value)
+            names = sorted(stats)
+            loss_total, on_total, *stat_totals = world.sum([loss_local, on_local] + [stats[name] for name in names])
+            stats = dict(zip(names, stat_totals))
             loss = loss_total / n_active
             on_loss = None
             if rollouts is not None:
-                n_on = int(rollouts.loss_mask.sum())
-                on_sum, _ = micro_step(model, rollouts, noise_gen, config, device, w / n_on)
-                on_loss = on_sum / n_on
+                on_loss = on_total / n_on
                 loss = (1.0 - w) * loss + w * on_loss
             if not math.isfinite(loss):
                 seqs = [int(i) for b in batches for i in b.indices]
                 raise HPDError(f"step {step + 1}: loss is {loss} on the batch of sequences {seqs[:8]}{'...' if len(seqs) > 8 else ''}; the last good checkpoint is kept; lower --lr or check the cache with `hpd-tools verify`")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm))
+            grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), config.max_grad_norm)
+            grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -429,37 +574,46 @@ def train(config: DistillConfig) -> dict[str, Any]:
             done = step + 1
             if done % config.log_every == 0 or done == config.max_steps:
                 elapsed = time.time() - window_start
+                window_tokens = world.sum([window_tokens])[0]
                 step_metrics = {
                     "loss": loss,
                     "lr": lr,
                     "grad_norm": grad_norm,
                     "tokens_per_s": window_tokens / elapsed if elapsed > 0 else None,
-                    "response_tokens": n_active,
+                    "response_tokens": int(n_active),
                     **{f"{config.loss}/{k}": v / n_active for k, v in stats.items()},
                 }
                 if on_loss is not None:
                     step_metrics.update({"onpolicy/loss": on_loss, "onpolicy/weight": w})
                 window_tokens, window_start = 0, time.time()
-                metrics.log(done, step_metrics)
+                if metrics is not None:
+                    metrics.log(done, step_metrics)
             if config.eval_cache and ((config.eval_every and done % config.eval_every == 0) or done == config.max_steps):
-                latest_eval = evaluate(model, config.eval_cache, config, device)
-                metrics.log(done, latest_eval)
+                latest_eval = evaluate(module, config.eval_cache, config, device, world)
+                if metrics is not None:
+                    metrics.log(done, latest_eval)
             if config.save_every and done % config.save_every == 0 and done < config.max_steps:
-                save_checkpoint(out, done, model, tokenizer, optimizer, scheduler, batches_in, noise_gen, config, onpolicy)
+                save_checkpoint(out, done, model, tokenizer, optimizer, scheduler, batches_in, noise, config, onpolicy, world)
             last = {**step_metrics, **latest_round, **latest_eval}
-            rate = f" {last['tokens_per_s']:,.0f} tok/s" if last.get("tokens_per_s") else ""
-            rkl = f" on-policy rkl {last['onpolicy/rkl']:.3f}" if "onpolicy/rkl" in last else ""
-            progress.desc = f"distill {config.loss} step {done} loss {loss:.4f}{rate}{rkl}"
-            progress.update(1)
+            if progress is not None:
+                rate = f" {last['tokens_per_s']:,.0f} tok/s" if last.get("tokens_per_s") else ""
+                rkl = f" on-policy rkl {last['onpolicy/rkl']:.3f}" if "onpolicy/rkl" in last else ""
+                progress.desc = f"distill {config.loss} step {done} loss {loss:.4f}{rate}{rkl}"
+                progress.update(1)
     finally:
-        progress.close()
-        metrics.close()
+        if progress is not None:
+            progress.close()
+        if metrics is not None:
+            metrics.close()
         batches_in.close()
         if onpolicy is not None:
             onpolicy.close()
-    save_checkpoint(out, config.max_steps, model, tokenizer, optimizer, scheduler, batches_in, noise_gen, config, onpolicy)
-    final = out / "final"
-    shutil.rmtree(final, ignore_errors=True)
-    model.save_pretrained(final)
-    tokenizer.save_pretrained(final)
+    save_checkpoint(out, config.max_steps, model, tokenizer, optimizer, scheduler, batches_in, noise, config, onpolicy, world)
+    model_state, _ = full_state(model, None, world, fsdp=config.fsdp) if config.fsdp and world.distributed else (None, None)
+    if world.main:
+        final = out / "final"
+        shutil.rmtree(final, ignore_errors=True)
+        model.save_pretrained(final, state_dict=model_state)
+        tokenizer.save_pretrained(final)
+    world.barrier()
     return last

@@ -98,16 +98,16 @@ def rollout_from(prompt: np.ndarray, completion: np.ndarray, scored: Scored, tru
 class OnPolicy:
     """Sampling rounds, the rollout buffer and its share of each step."""
 
-    def __init__(self, config: Any, tokenizer: Any, prompt_cache: str, k: int, max_length: int):
+    def __init__(self, config: Any, tokenizer: Any, prompt_cache: str, k: int, max_length: int, rank: int = 0, world_size: int = 1):
         self.config = config
         self.tokenizer = tokenizer
         self.k = k
         self.max_length = max_length
-        self.prompts = CacheReader(prompt_cache, seed=config.seed + 1000)
+        self.prompts = CacheReader(prompt_cache, seed=config.seed + 1000, rank=rank, world_size=world_size)  # each rank its own prompts
         self.expected_vocab = int(self.prompts.store.attrs["teacher"].get("vocab_size") or 0)
         self.prompt_epoch, self.prompt_taken = 0, 0
         self.buffer: deque[Rollout] = deque(maxlen=config.onpolicy_buffer)
-        self.rng = np.random.default_rng([config.seed, 11])
+        self.rng = np.random.default_rng([config.seed, 11, rank])
         self.teacher: Any = None
         self.unavailable = 0
 

@@ -17,6 +17,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from .cache.reader import Batch, CachedSequence, CacheReader, collate
+from .errors import HPDError
 
 
 @dataclass
@@ -60,7 +61,7 @@ class CacheStream:
             for i, (p, w) in enumerate(zip(paths, weights))
         ]
         self.probs = np.asarray(weights, dtype=np.float64) / float(sum(weights))
-        self.rng = np.random.default_rng([seed, 7])
+        self.rng = np.random.default_rng([seed, 7, rank])
         self.batch_tokens = batch_tokens
         self.carry: tuple[int, CachedSequence] | None = None
         self.k = self.sources[0].reader.k
@@ -102,6 +103,38 @@ class CacheStream:
         self.carry = None if carry is None else (int(carry[0]), self.sources[int(carry[0])].reader.read_sequence(int(carry[1])))
 
 
+class StepStream:
+    """One step's micro-batches: this rank's data slots, one CacheStream each.
+
+    A run has ``n_slots`` (processes x grad_accum) slots; slot j reads partition
+    j of every cache's units, so slots never share data and the batches a step
+    sees depend on ``n_slots`` only, not on which process owns which slot.
+    ``state()`` is keyed by slot: the union of all ranks' states restores the
+    run on any world size with the same slot count.
+    """
+
+    def __init__(self, paths: Sequence[str], *, slots: Sequence[int], n_slots: int, weights: Sequence[float] | None = None, batch_tokens: int, seed: int = 0):
+        self.slots, self.n_slots = list(slots), n_slots
+        self.streams = [CacheStream(paths, weights=weights, batch_tokens=batch_tokens, seed=seed, rank=j, world_size=n_slots) for j in self.slots]
+        for path, source in zip(paths, self.streams[0].sources):
+            if source.reader.store.n_units < n_slots:
+                raise HPDError(
+                    f"--cache {path}: {source.reader.store.n_units} units (chunks) for {n_slots} data slots (processes x --grad-accum); "
+                    "each slot reads its own units: use fewer processes or a smaller --grad-accum, or rebuild the cache with a smaller --chunk-tokens"
+                )
+        self.k = self.streams[0].k
+
+    def next_batch(self) -> list[Batch]:
+        return [stream.next_batch() for stream in self.streams]
+
+    def state(self) -> dict[str, Any]:
+        return {"n_slots": self.n_slots, "slots": {str(j): s.state() for j, s in zip(self.slots, self.streams)}}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        for j, stream in zip(self.slots, self.streams):
+            stream.load_state(state["slots"][str(j)])
+
+
 class Prefetcher:
     """Reads the next batch in a background thread while the current one trains.
 
@@ -110,18 +143,18 @@ class Prefetcher:
     is read again after a resume).
     """
 
-    def __init__(self, stream: CacheStream):
+    def __init__(self, stream: CacheStream | StepStream):
         import concurrent.futures
 
         self.stream = stream
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hpd-prefetch")
         self._next = self._pool.submit(self._read)
 
-    def _read(self) -> tuple[dict[str, Any], Batch]:
+    def _read(self) -> tuple[dict[str, Any], Any]:
         state = self.stream.state()
         return state, self.stream.next_batch()
 
-    def next_batch(self) -> Batch:
+    def next_batch(self) -> Any:
         _, batch = self._next.result()
         self._next = self._pool.submit(self._read)
         return batch

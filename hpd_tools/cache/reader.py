@@ -165,17 +165,34 @@ class CacheReader:
         """One sequence by its index (random access; reads the chunks it spans)."""
         return next(seq for seq in self.read_unit(self.unit_of(index)) if seq.index == index)
 
+    def batch_plan(self, batch_tokens: int, epoch: int = 0) -> list[list[int]]:
+        """The sequence indices of each batch :meth:`batches` yields, from the
+        offsets alone (no token data is read)."""
+        lengths = np.diff(self.offsets)
+        plan: list[list[int]] = []
+        pending: list[int] = []
+        width = 0
+        for s in self.order(epoch).tolist():
+            n = int(lengths[s])
+            if pending and max(width, n) * (len(pending) + 1) > batch_tokens:
+                plan.append(pending)
+                pending, width = [], 0
+            pending.append(s)
+            width = max(width, n)
+        if pending:
+            plan.append(pending)
+        return plan
+
     def batches(self, batch_tokens: int, epoch: int = 0) -> Iterator[Batch]:
         """Padded batches of at most ``batch_tokens`` (longest x count) tokens."""
+        plan = iter(self.batch_plan(batch_tokens, epoch))
+        wanted = next(plan, None)
         pending: list[CachedSequence] = []
         for seq in self.sequences(epoch):
-            width = max([len(seq.tokens)] + [len(p.tokens) for p in pending])
-            if pending and width * (len(pending) + 1) > batch_tokens:
-                yield collate(pending, self.k)
-                pending = []
             pending.append(seq)
-        if pending:
-            yield collate(pending, self.k)
+            if wanted is not None and len(pending) == len(wanted):
+                yield collate(pending, self.k)
+                pending, wanted = [], next(plan, None)
 
 
 def collate(seqs: list[CachedSequence], k: int) -> Batch:
