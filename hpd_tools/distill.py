@@ -258,7 +258,7 @@ def _checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in out.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
 
 
-def save_checkpoint(out: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, stream: StepStream | Prefetcher, noise: dict[int, torch.Generator], config: DistillConfig, onpolicy: Any = None, world: World | None = None) -> Path:
+def save_checkpoint(out: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, stream: StepStream | Prefetcher, noise: dict[int, torch.Generator], config: DistillConfig, onpolicy: Any = None, world: World | None = None, metrics_rows: int = 0) -> Path:
     """step-XXXXXX/: the student (HF format), optimizer (keyed by parameter name)
     + scheduler, and meta.json (config, step, every data slot's stream position
     and RNG). Rank 0 writes it under .tmp and renames; a collective under
@@ -286,6 +286,7 @@ def save_checkpoint(out: Path, step: int, model: Any, tokenizer: Any, optimizer:
             "n_slots": world.world_size * config.grad_accum,
             "slots": slots,
             "torch_rng": torch.get_rng_state().tolist(),
+            "metrics_rows": metrics_rows,
         }
         if onpolicy_parts is not None:
             meta["onpolicy"] = [state for state, _ in onpolicy_parts]
@@ -340,12 +341,14 @@ def evaluate(model: Any, path: str, config: DistillConfig, device: torch.device,
 # -- the loop --------------------------------------------------------------------------
 
 class _Metrics:
-    def __init__(self, out: Path, resume_step: int | None):
+    def __init__(self, out: Path, keep_rows: int | None):
         self.path = out / "metrics.jsonl"
-        if resume_step is not None and self.path.exists():
+        self.rows = 0
+        if keep_rows is not None and self.path.exists():
             # Drop what was logged after the checkpoint we resume from.
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line in self.path.read_text().splitlines() if line][:keep_rows]
             self.path.write_text("".join(line + "\n" for line in kept))
+            self.rows = len(kept)
         self.file = self.path.open("a")
         self.tb = None
         try:
@@ -358,6 +361,7 @@ class _Metrics:
     def log(self, step: int, values: dict[str, Any]) -> None:
         self.file.write(json.dumps({"step": step, **values}) + "\n")
         self.file.flush()
+        self.rows += 1
         if self.tb is not None:
             for name, value in values.items():
                 if isinstance(value, (int, float)):
@@ -497,7 +501,7 @@ def _train(config: DistillConfig, world: World) -> dict[str, Any]:
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
-        metrics = _Metrics(out, start_step if config.resume else None)
+        metrics = _Metrics(out, int(meta["metrics_rows"]) if meta is not None else None)
     # The next step's micro-batches are read and decoded while this one trains.
     batches_in = Prefetcher(stream)
 
@@ -593,7 +597,7 @@ def _train(config: DistillConfig, world: World) -> dict[str, Any]:
                 if metrics is not None:
                     metrics.log(done, latest_eval)
             if config.save_every and done % config.save_every == 0 and done < config.max_steps:
-                save_checkpoint(out, done, model, tokenizer, optimizer, scheduler, batches_in, noise, config, onpolicy, world)
+                save_checkpoint(out, done, model, tokenizer, optimizer, scheduler, batches_in, noise, config, onpolicy, world, metrics.rows if metrics else 0)
             last = {**step_metrics, **latest_round, **latest_eval}
             if progress is not None:
                 rate = f" {last['tokens_per_s']:,.0f} tok/s" if last.get("tokens_per_s") else ""
@@ -608,7 +612,7 @@ def _train(config: DistillConfig, world: World) -> dict[str, Any]:
         batches_in.close()
         if onpolicy is not None:
             onpolicy.close()
-    save_checkpoint(out, config.max_steps, model, tokenizer, optimizer, scheduler, batches_in, noise, config, onpolicy, world)
+    save_checkpoint(out, config.max_steps, model, tokenizer, optimizer, scheduler, batches_in, noise, config, onpolicy, world, metrics.rows if metrics else 0)
     model_state, _ = full_state(model, None, world, fsdp=config.fsdp) if config.fsdp and world.distributed else (None, None)
     if world.main:
         final = out / "final"

@@ -130,3 +130,28 @@ def test_more_slots_than_units_is_a_clear_error(setup, tmp_path):
     assert result.returncode == 2
     assert f"{n_units} units" in result.stderr and f"{n_units + 1} data slots" in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_onpolicy_rounds_under_ddp_resume_exactly(setup, trained_teacher, tmp_path):
+    """Each rank samples its own prompts and scores them with its online teacher;
+    the rollouts' tokens count in the global normalisation, and every rank's
+    rollout buffer and prompt position are in the checkpoint."""
+    onpolicy = ["--online-teacher", str(trained_teacher), "--online-engine", "hf", "--sample-every", "2", "--sample-prompts", "2",
+                "--sample-max-new-tokens", "6", "--onpolicy-weight", "0.5"]
+    ref = tmp_path / "ref"
+    result = torchrun(*distill_args(setup, ref, *onpolicy))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = metrics(ref)
+    rounds = [r for r in rows if "onpolicy/rkl" in r]
+    assert [r["step"] for r in rounds] == [0, 2]  # logged once per round, not once per rank
+    steps = [r for r in rows if "onpolicy/loss" in r]
+    assert len(steps) == STEPS and all(r["onpolicy/weight"] == 0.5 for r in steps)
+    assert (ref / "step-000002" / "onpolicy-rank0.npz").exists() and (ref / "step-000002" / "onpolicy-rank1.npz").exists()
+    cut = tmp_path / "cut"
+    shutil.copytree(ref, cut)
+    for name in (f"step-{STEPS:06d}", "final"):
+        shutil.rmtree(cut / name)
+    result = torchrun(*distill_args(setup, cut, *onpolicy, "--resume"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    key = lambda rows: [(r["step"], round(r.get("loss", r.get("onpolicy/rkl", 0.0)), 5)) for r in rows if "loss" in r or "onpolicy/rkl" in r]  # noqa: E731
+    assert key(metrics(cut)) == key(rows)

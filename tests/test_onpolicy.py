@@ -51,7 +51,7 @@ def test_resume_with_rollouts_matches_uninterrupted(setup, trained_teacher, tmp_
     shutil.copytree(tmp_path / "ref", cut)
     for name in ("step-000006", "final"):
         shutil.rmtree(cut / name)
-    assert (cut / "step-000003" / "onpolicy.npz").exists()
+    assert (cut / "step-000003" / "onpolicy-rank0.npz").exists()
     train(config(setup, cut, resume=True, **common))
     want = [json.loads(x) for x in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
     got = [json.loads(x) for x in (cut / "metrics.jsonl").read_text().splitlines()]
