@@ -129,6 +129,8 @@ def _explicit(ctx: click.Context) -> dict[str, Any]:
 @click.option("--vllm-arg", multiple=True, help="KEY=VALUE passed to vllm.LLM (e.g. tensor_parallel_size=8). Repeatable.")
 @click.option("--seed", default=0, show_default=True, help="Engine seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout instead of the location.")
+@click.option("--workers", default=1, show_default=True, help="Start this many shard writers (subprocesses) of this cache or --shard and wait for them; one per GPU when GPUs are visible.")
+@click.option("--gpus-per-worker", default=None, type=int, help="GPUs each --workers writer gets (default: the tensor_parallel_size --vllm-arg, else 1).")
 @click.pass_context
 def cache(ctx: click.Context, config_path: str | None, as_json: bool, **_: Any) -> None:
     """Run the teacher over a dataset once and store its top-k log-probs in a cache.
@@ -152,11 +154,26 @@ def cache(ctx: click.Context, config_path: str | None, as_json: bool, **_: Any) 
             values["reuse"] = not given.pop("no_reuse")
         if "vllm_arg" in given:
             values["engine_args"] = {**values.get("engine_args", {}), **_parse_engine_args(given.pop("vllm_arg"))}
+        workers, gpus_per_worker = given.pop("workers", 1), given.pop("gpus_per_worker", None)
         values.update(given)
         values.setdefault("teacher", DEFAULT_TEACHER)
         values.setdefault("data", DEFAULT_DATA)
         config = build(CacheConfig, values, where=f"--config {config_path}" if config_path else "cache options")
-        config.teacher = resolve_teacher(config.teacher)
+        if workers < 1:
+            raise HPDError(f"--workers {workers}: must be at least 1")
+        config.teacher = resolve_teacher(config.teacher)  # once, before writers start (it may import the packaged teacher)
+        if workers > 1:
+            from .cache import cache_info
+            from .launch import launch_writers
+
+            argv = sys.argv[sys.argv.index("cache") + 1 :]
+            tp = int(config.engine_args.get("tensor_parallel_size", 1) or 1)
+            location = launch_writers(argv, workers, config.shard, gpus_per_worker or tp)
+            info = cache_info(location)
+            state = "complete" if info["complete"] else f"{info['units_done']}/{info['units_total']} units done (other --shard writers still to run)"
+            click.echo(f"{workers} writers finished: {location} {state}", err=True)
+            click.echo(json.dumps(info, indent=2) if as_json else location)
+            return
         summary = build_cache(config).summary()
         _print_summary(summary)
         click.echo(json.dumps(summary, indent=2) if as_json else summary["location"])

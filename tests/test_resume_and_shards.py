@@ -118,3 +118,28 @@ def test_two_identical_commands_share_the_work(teacher, tmp_path):
     reference = build_cache(config(teacher, data, out=str(tmp_path / "ref"), chunk_tokens=512, batch_tokens=1024, reuse=False))
     assert_same_content(arrays(out), arrays(reference.location), exact=True)
     assert verify_cache(out).complete
+
+
+def test_workers_launcher_fills_one_cache(teacher, tmp_path):
+    """`--workers 2` on this node's `--shard 1/2`: writers 2/4 and 3/4 run as
+    subprocesses; a second node's `--shard 0/2 --workers 2` completes the cache."""
+    data = write_jsonl(tmp_path / "d.jsonl", variants(1)[:60])
+    out = tmp_path / "launched"
+    node1 = subprocess.run(cache_cmd(teacher, data, out, "--shard", "1/2", "--workers", "2"), capture_output=True, text=True, timeout=600)
+    assert node1.returncode == 0, node1.stderr
+    assert node1.stdout.strip() == str(out)
+    assert "[writer 0] " in node1.stderr and "[writer 1] " in node1.stderr
+    assert "cache shard 2/4" in node1.stderr and "cache shard 3/4" in node1.stderr
+    info = cache_info(out)
+    assert not info["complete"] and 0 < info["units_done"] < info["units_total"]
+    node0 = subprocess.run(cache_cmd(teacher, data, out, "--shard", "0/2", "--workers", "2"), capture_output=True, text=True, timeout=600)
+    assert node0.returncode == 0, node0.stderr
+    assert "complete" in node0.stderr.splitlines()[-1]
+    reference = build_cache(config(teacher, data, out=str(tmp_path / "ref"), chunk_tokens=512, batch_tokens=1024, reuse=False))
+    assert_same_content(arrays(out), arrays(reference.location), exact=True)
+    assert verify_cache(out).complete
+    # A writer that fails is named, with its own error, in one line.
+    bad = subprocess.run(cache_cmd(teacher, tmp_path / "missing.jsonl", tmp_path / "x", "--workers", "2"), capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: --workers: writer ") and "missing.jsonl" in last
