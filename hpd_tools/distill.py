@@ -501,7 +501,8 @@ def _train(config: DistillConfig, world: World) -> dict[str, Any]:
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
-        metrics = _Metrics(out, int(meta["metrics_rows"]) if meta is not None else None)
+        # On resume, keep the rows logged up to the checkpoint (none when there is no checkpoint yet).
+        metrics = _Metrics(out, int(meta["metrics_rows"]) if meta is not None else (0 if config.resume else None))
     # The next step's micro-batches are read and decoded while this one trains.
     batches_in = Prefetcher(stream)
 
