@@ -258,10 +258,10 @@ def _checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in out.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
 
 
-def save_checkpoint(out: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, stream: StepStream | Prefetcher, noise: dict[int, torch.Generator], config: DistillConfig, onpolicy: Any = None, world: World | None = None, metrics_rows: int = 0) -> Path:
+def save_checkpoint(out: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, stream: StepStream | Prefetcher, noise: dict[int, torch.Generator], config: DistillConfig, onpolicy: Any = None, world: World | None = None, metrics_rows: int = 0, rollout_noise: torch.Generator | None = None) -> Path:
     """step-XXXXXX/: the student (HF format), optimizer (keyed by parameter name)
     + scheduler, and meta.json (config, step, every data slot's stream position
-    and RNG). Rank 0 writes it under .tmp and renames; a collective under
+    and RNG, every rank's torch and rollout RNG). Rank 0 writes it under .tmp and renames; a collective under
     torchrun (every rank calls it)."""
     world = world or World()
     model_state, optim_state = full_state(model, optimizer, world, fsdp=config.fsdp)
@@ -272,6 +272,7 @@ def save_checkpoint(out: Path, step: int, model: Any, tokenizer: Any, optimizer:
         for j, st in part["noise"].items():
             slots[j]["noise_rng"] = st
     onpolicy_parts = world.gather((onpolicy.state(), onpolicy.buffer_arrays())) if onpolicy is not None else None
+    ranks = world.gather({"torch_rng": torch.get_rng_state().tolist(), "rollout_rng": rollout_noise.get_state().tolist() if rollout_noise is not None else None})
     final = out / f"step-{step:06d}"
     if world.main:
         tmp = out / f"step-{step:06d}.tmp"
@@ -285,7 +286,7 @@ def save_checkpoint(out: Path, step: int, model: Any, tokenizer: Any, optimizer:
             "world_size": world.world_size,
             "n_slots": world.world_size * config.grad_accum,
             "slots": slots,
-            "torch_rng": torch.get_rng_state().tolist(),
+            "ranks": ranks,
             "metrics_rows": metrics_rows,
         }
         if onpolicy_parts is not None:
@@ -436,7 +437,7 @@ def _train(config: DistillConfig, world: World) -> dict[str, Any]:
     ckpt, problem = world.broadcast((ckpt, problem))
     if problem:
         raise HPDError(problem)
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed + world.rank)  # on-policy sampling: each rank its own draws
     device = world.device
     model, tokenizer = load_student(config.student)
     check_caches(config.caches, tokenizer)
@@ -490,7 +491,10 @@ def _train(config: DistillConfig, world: World) -> dict[str, Any]:
         stream.load_state({"slots": {j: st["stream"] for j, st in meta["slots"].items()}})
         for j, gen in noise.items():
             gen.set_state(torch.tensor(meta["slots"][str(j)]["noise_rng"], dtype=torch.uint8))
-        torch.set_rng_state(torch.tensor(meta["torch_rng"], dtype=torch.uint8))
+        mine = meta["ranks"][world.rank] if meta["world_size"] == world.world_size else meta["ranks"][0]
+        torch.set_rng_state(torch.tensor(mine["torch_rng"], dtype=torch.uint8))
+        if mine["rollout_rng"] is not None:
+            rollout_noise.set_state(torch.tensor(mine["rollout_rng"], dtype=torch.uint8))
         start_step = int(meta["step"])
         if onpolicy is not None and "onpolicy" in meta:
             path = ckpt / f"onpolicy-rank{world.rank}.npz"
@@ -598,7 +602,7 @@ def _train(config: DistillConfig, world: World) -> dict[str, Any]:
                 if metrics is not None:
                     metrics.log(done, latest_eval)
             if config.save_every and done % config.save_every == 0 and done < config.max_steps:
-                save_checkpoint(out, done, model, tokenizer, optimizer, scheduler, batches_in, noise, config, onpolicy, world, metrics.rows if metrics else 0)
+                save_checkpoint(out, done, model, tokenizer, optimizer, scheduler, batches_in, noise, config, onpolicy, world, metrics.rows if metrics else 0, rollout_noise)
             last = {**step_metrics, **latest_round, **latest_eval}
             if progress is not None:
                 rate = f" {last['tokens_per_s']:,.0f} tok/s" if last.get("tokens_per_s") else ""
@@ -613,7 +617,7 @@ def _train(config: DistillConfig, world: World) -> dict[str, Any]:
         batches_in.close()
         if onpolicy is not None:
             onpolicy.close()
-    save_checkpoint(out, config.max_steps, model, tokenizer, optimizer, scheduler, batches_in, noise, config, onpolicy, world, metrics.rows if metrics else 0)
+    save_checkpoint(out, config.max_steps, model, tokenizer, optimizer, scheduler, batches_in, noise, config, onpolicy, world, metrics.rows if metrics else 0, rollout_noise)
     model_state, _ = full_state(model, None, world, fsdp=config.fsdp) if config.fsdp and world.distributed else (None, None)
     if world.main:
         final = out / "final"
