@@ -116,7 +116,7 @@ def _explicit(ctx: click.Context) -> dict[str, Any]:
 @click.option("--top-k", default=64, show_default=True, help="Teacher top-k entries stored per response token.")
 @click.option("--max-length", default=2048, show_default=True, help="Records longer than this many tokens are truncated.")
 @click.option("--engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True, help="vllm (fast) or hf (transformers, the reference).")
-@click.option("--out", default=None, help="Cache location. Default: the cache root ($HPD_CACHE_HOME), named by the cache key.")
+@click.option("--out", default=None, help="Cache location: a folder or an fsspec URL (s3://bucket/prefix). Default: the cache root ($HPD_CACHE_HOME, a folder or URL), named by the cache key.")
 @click.option("--shard", default="0/1", show_default=True, callback=_parse_shard, help="I/N: this writer fills units u with u mod N == I; N writers fill one cache.")
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True, help="Teacher dtype (auto: float32 on CPU, the model's dtype on GPU).")
 @click.option("--strict", is_flag=True, default=False, help="Stop at the first bad record instead of skipping it.")
@@ -242,7 +242,7 @@ def distill(ctx: click.Context, config_path: str | None, **_: Any) -> None:
 @main.command()
 @click.argument("cache_path")
 def info(cache_path: str) -> None:
-    """Attributes and stats of a cache, as JSON."""
+    """Attributes and stats of a cache (a folder or URL), as JSON."""
     from .cache import cache_info
 
     _run(lambda: click.echo(json.dumps(cache_info(cache_path), indent=2)))
@@ -251,7 +251,7 @@ def info(cache_path: str) -> None:
 @main.command()
 @click.argument("cache_path")
 def verify(cache_path: str) -> None:
-    """Read every chunk and check it against the cache contract (exit 1 on a violation)."""
+    """Read every chunk of a cache (a folder or URL) and check it against the cache contract (exit 1 on a violation)."""
     from .cache import verify_cache
     from .errors import CacheCorruptError
 
@@ -263,7 +263,8 @@ def verify(cache_path: str) -> None:
             _finish(1)
         click.echo(json.dumps(report.as_dict(), indent=2))
         if not report.complete:
-            click.echo(f"verify: cache is incomplete ({report.units_checked}/{report.units_total} units written, all of them valid); rerun the cache command to finish it", err=True)
+            claimed = f", {report.units_claimed} claimed by a writer that is running or stopped" if report.units_claimed else ""
+            click.echo(f"verify: cache is incomplete ({report.units_checked}/{report.units_total} units written, all of them valid{claimed}); rerun the cache command to finish it", err=True)
             _finish(1)
         click.echo(f"ok: {report.units_checked} units, {report.positions} positions", err=True)
 
@@ -271,7 +272,7 @@ def verify(cache_path: str) -> None:
 
 
 @main.command(name="list")
-@click.option("--root", default=None, help="Cache root (default: $HPD_CACHE_HOME or the user cache dir).")
+@click.option("--root", default=None, help="Cache root, a folder or URL (default: $HPD_CACHE_HOME or the user cache dir).")
 @click.option("--json", "as_json", is_flag=True)
 def list_(root: str | None, as_json: bool) -> None:
     """The caches under the cache root."""

@@ -1,11 +1,11 @@
-"""``info`` and ``list``: what a cache holds and which caches exist."""
+"""``info`` and ``list``: what a cache holds and which caches exist (local folders or URLs)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from .layout import CacheStore, cache_root, is_cache
+from .layout import CacheStore, as_location, cache_home, caches_under
 
 
 def cache_info(path: str | Path) -> dict[str, Any]:
@@ -16,7 +16,7 @@ def cache_info(path: str | Path) -> dict[str, Any]:
     sizes = store.bytes_on_disk()
     total = sum(sizes.values())
     return {
-        "location": str(store.path),
+        "location": str(store.location),
         "key": store.key,
         "complete": store.complete,
         "units_done": len(store.done_units()),
@@ -36,14 +36,10 @@ def cache_info(path: str | Path) -> dict[str, Any]:
 
 
 def list_caches(root: str | Path | None = None) -> list[dict[str, Any]]:
-    root = Path(root) if root else cache_root()
-    if not root.is_dir():
-        return []
+    """The caches directly under ``root`` (a folder or URL; default: the cache root)."""
     rows = []
-    for path in sorted(root.iterdir()):
-        if not is_cache(path):
-            continue
-        store = CacheStore(path)
+    for location in caches_under(as_location(root) if root else cache_home()):
+        store = CacheStore(location)
         a = store.attrs
         rows.append(
             {
@@ -54,7 +50,7 @@ def list_caches(root: str | Path | None = None) -> list[dict[str, Any]]:
                 "tokens": a["counts"]["tokens"],
                 "bytes": sum(store.bytes_on_disk().values()),
                 "complete": store.complete,
-                "location": str(path),
+                "location": str(location),
             }
         )
     return rows

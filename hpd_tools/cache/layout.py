@@ -25,18 +25,53 @@ safety and sharding: its chunks are written whole, then the marker
 recomputed from scratch, so a killed writer never leaves half a unit as data.
 Writers sharing a cache own disjoint units (unit u belongs to shard u mod N).
 Within a shard, a writer claims each unit before computing it
-(``progress/unit-XXXXXXXX.claim``, created exclusively); a second command on
-the same cache and shard skips units a live writer holds, then waits for
-their markers, so two identical commands started at once share the work. A
-claim whose process is gone (same host) is taken over.
+(``progress/unit-XXXXXXXX.claim``); a second command on the same cache and
+shard skips units another writer holds, then waits for their markers, and
+computes any whose claim goes stale, so two identical commands started at
+once share the work. Claims only avoid waste: a unit's content is
+deterministic and written whole before its marker, so a unit computed twice
+is written twice with the same bytes.
+
+A cache is a local folder or an fsspec URL such as ``s3://bucket/prefix``
+(storage.py; the endpoint and credentials come from fsspec's and the cloud
+SDK's usual configuration: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID,
+AWS_SECRET_ACCESS_KEY, an AWS profile, FSSPEC_S3_* variables). The two need
+different protocols for the same guarantees:
+
+- local folder: the group is built under a temporary name and renamed into
+  place; chunks and markers are fsync-ed, markers renamed into place; claims
+  are created exclusively (O_EXCL) and name the writer's host and pid, and a
+  claim whose process is gone (same host) is taken over at once.
+- object store, which has no rename and no exclusive create, but where each
+  put is atomic and a read after a finished put sees it: the group is built
+  in a local temporary folder and uploaded with the group's ``zarr.json``
+  (which holds the ``hpd_cache`` attributes) last, so the cache exists for
+  ``is_cache``, ``list`` and readers only once its static arrays are all
+  there. What is uploaded before is a function of the cache key and
+  --chunk-tokens, so two creators put the same bytes, and creation never
+  deletes (``verify`` checks each array's chunking against the attributes,
+  which catches two creators that raced with different --chunk-tokens). A
+  unit's chunks are put before its marker, and ``complete`` (one put of
+  ``zarr.json``) only after every marker exists, so a reader that sees
+  ``complete`` sees every unit. A claim is a lease: its holder re-puts it
+  every lease/4 seconds, and a claim not put for a lease
+  (``HPD_CLAIM_LEASE_SECONDS``, default 60) is stale and may be taken over.
+  Ages are read on the store's clock (the time stamps of the objects it
+  keeps), never by comparing hosts' clocks or looking at pids. Without
+  exclusive create, two writers can both take a unit in a narrow race (a
+  claimant re-reads its claim after a short pause and yields to a later one);
+  that only duplicates work.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import socket
+import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -48,20 +83,39 @@ import zarr
 
 from ..errors import CacheError
 from . import codec
+from .storage import Location, as_location
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 ATTR = "hpd_cache"
+ARRAYS = ("tokens", "offsets", "loss_mask", "example_id", "label_logprob", "topk_head", "topk_ids", "topk_logprobs")
 TEACHER_ARRAYS = ("label_logprob", "topk_ids", "topk_logprobs", "topk_head")
 SEQUENCE_CHUNK = 1 << 16
+# Pause between putting a claim and reading it back (object stores): a rival
+# put that lands within it wins, so both claimants agree on one owner.
+CLAIM_SETTLE = 0.05
+
+
+def claim_lease() -> float:
+    """Seconds after its last heartbeat that an object-store claim goes stale."""
+    return float(os.environ.get("HPD_CLAIM_LEASE_SECONDS") or 60)
 
 
 def cache_root() -> Path:
-    """Where caches live without --out: $HPD_CACHE_HOME, else the user cache dir."""
+    """The local hpd-tools folder: $HPD_CACHE_HOME when it is a folder, else the
+    user cache dir. Files that must be local (imported teachers) live here."""
     env = os.environ.get("HPD_CACHE_HOME")
-    if env:
-        return Path(env).expanduser()
+    if env and ("://" not in env or env.startswith("file://")):
+        return Path(env.removeprefix("file://")).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "hpd-tools"
+
+
+def cache_home() -> Location:
+    """Where caches live without --out: $HPD_CACHE_HOME (a folder or a URL), else the user cache dir."""
+    env = os.environ.get("HPD_CACHE_HOME")
+    return Location(env) if env else Location(cache_root())
 
 
 @dataclass(frozen=True)
@@ -97,20 +151,48 @@ def unit_marker(unit: int) -> str:
     return f"progress/unit-{unit:08d}.json"
 
 
-class CacheStore:
-    """A cache on local disk: its group, attributes, arrays and unit markers."""
+def unit_claim(unit: int) -> str:
+    return f"progress/unit-{unit:08d}.claim"
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        try:
-            self.group = zarr.open_group(str(self.path), mode="r+")
-        except Exception:
-            raise CacheError(f"{self.path}: not an hpd-tools cache (no Zarr group there); give the folder that `hpd-tools cache` printed or that `hpd-tools list` shows") from None
-        self.attrs: dict[str, Any] = dict(self.group.attrs.get(ATTR) or {})
-        if not self.attrs:
+
+def _read_attrs(location: Location) -> dict[str, Any] | None:
+    """The hpd_cache attributes from the group's zarr.json; None when there is no group."""
+    meta = location.read("zarr.json")
+    if meta is None:
+        return None
+    try:
+        return dict(json.loads(meta).get("attributes", {}).get(ATTR) or {})
+    except ValueError:
+        return {}
+
+
+class CacheStore:
+    """A cache, on local disk or object storage: its group, attributes, arrays and unit markers."""
+
+    def __init__(self, path: str | os.PathLike | Location):
+        self.location = as_location(path)
+        # For messages and callers that print it: the folder, or the URL.
+        self.path: Path | str = self.location.local if self.location.local is not None else self.location.url
+        attrs = _read_attrs(self.location)
+        if attrs is None:
+            raise CacheError(f"{self.path}: not an hpd-tools cache (no Zarr group there); give the folder or URL that `hpd-tools cache` printed or that `hpd-tools list` shows")
+        if not attrs:
             raise CacheError(f"{self.path}: a Zarr group but not an hpd-tools cache (no '{ATTR}' attributes)")
-        if self.attrs.get("format_version") != FORMAT_VERSION:
-            raise CacheError(f"{self.path}: cache format {self.attrs.get('format_version')} is not supported by this version (expects {FORMAT_VERSION})")
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise CacheError(f"{self.path}: cache format {attrs.get('format_version')} is not supported by this version (expects {FORMAT_VERSION})")
+        self.attrs: dict[str, Any] = attrs
+        try:
+            self.group = self.location.open_group("r+")
+        except CacheError:
+            raise
+        except Exception:
+            raise CacheError(f"{self.path}: not an hpd-tools cache (no Zarr group there); give the folder or URL that `hpd-tools cache` printed or that `hpd-tools list` shows") from None
+        self._arrays: dict[str, zarr.Array] = {}
+        self.owner = uuid.uuid4().hex  # names this writer's claims on object storage
+        self._held: set[int] = set()
+        self._lock = threading.Lock()
+        self._heartbeat: threading.Thread | None = None
+        self._clock: tuple[float, float] | None = None
 
     # -- identity ---------------------------------------------------------
     @property
@@ -134,7 +216,10 @@ class CacheStore:
         return int(self.attrs["chunk_tokens"])
 
     def array(self, name: str) -> zarr.Array:
-        return self.group[name]
+        # Kept open: on object storage each open is a round trip for its metadata.
+        if name not in self._arrays:
+            self._arrays[name] = self.group[name]
+        return self._arrays[name]
 
     def unit_range(self, unit: int) -> tuple[int, int]:
         start = unit * self.chunk_tokens
@@ -142,21 +227,28 @@ class CacheStore:
 
     # -- progress ---------------------------------------------------------
     def done_units(self) -> set[int]:
-        folder = self.path / "progress"
-        if not folder.is_dir():
-            return set()
-        return {int(p.name[5:13]) for p in folder.glob("unit-*.json")}
+        return {int(name[5:13]) for name in self.location.listdir("progress") if name.startswith("unit-") and name.endswith(".json")}
+
+    def claimed_units(self) -> set[int]:
+        """Units with a claim (being written, or left by a writer that stopped)."""
+        return {int(name[5:13]) for name in self.location.listdir("progress") if name.startswith("unit-") and name.endswith(".claim")}
 
     def is_done(self, unit: int) -> bool:
-        return (self.path / unit_marker(unit)).exists()
+        return self.location.read(unit_marker(unit)) is not None
 
     def read_marker(self, unit: int) -> dict[str, Any]:
-        return json.loads((self.path / unit_marker(unit)).read_text())
+        return json.loads(self.location.read(unit_marker(unit)) or b"{}")
 
     def claim(self, unit: int) -> bool:
-        """Take unit ``unit`` for this process, unless a live writer on this host
-        holds it. A claim left by a dead process (a killed writer) is taken over."""
-        path = self.path / "progress" / f"unit-{unit:08d}.claim"
+        """Take unit ``unit`` for this process unless another writer holds it.
+
+        Local: an exclusive file naming host and pid; one left by a dead
+        process (a killed writer) is taken over. Object store: a lease kept
+        alive by a heartbeat and taken over once stale (module docstring).
+        """
+        if self.location.local is None:
+            return self._claim_lease(unit)
+        path = self.location.local / unit_claim(unit)
         me = f"{socket.gethostname()} {os.getpid()}"
         for _ in range(2):
             try:
@@ -176,19 +268,79 @@ class CacheStore:
         return False
 
     def release(self, unit: int) -> None:
-        (self.path / "progress" / f"unit-{unit:08d}.claim").unlink(missing_ok=True)
+        if self.location.local is None:
+            with self._lock:
+                self._held.discard(unit)
+        self.location.delete(unit_claim(unit))
+
+    def _claim_lease(self, unit: int) -> bool:
+        rel = unit_claim(unit)
+        stamp = self.location.modified(rel)
+        if stamp is not None and self._store_now() - stamp < claim_lease():
+            return self._owner(rel) == self.owner
+        with self._lock:
+            self.location.write(rel, self._claim_body())
+        time.sleep(CLAIM_SETTLE)
+        if self._owner(rel) != self.owner:
+            return False  # a rival claimed it in the same moment, after this writer
+        with self._lock:
+            self._held.add(unit)
+            if self._heartbeat is None:
+                self._heartbeat = threading.Thread(target=self._beat, name="hpd-claim-heartbeat", daemon=True)
+                self._heartbeat.start()
+        return True
+
+    def _claim_body(self) -> bytes:
+        # Host and pid are for people reading the claim; only the owner id counts.
+        return json.dumps({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid()}).encode()
+
+    def _owner(self, rel: str) -> str | None:
+        body = self.location.read(rel)
+        try:
+            return json.loads(body)["owner"] if body else None
+        except (ValueError, KeyError, TypeError):
+            return None
+
+    def _store_now(self) -> float:
+        """The store's clock now: the time stamp of an object this process puts,
+        advanced by the local monotonic clock, re-read every lease."""
+        lease = claim_lease()
+        if self._clock is None or time.monotonic() - self._clock[1] > lease:
+            rel = f"progress/clock-{self.owner}"
+            sent = time.monotonic()
+            self.location.write(rel, b"")
+            stamp = self.location.modified(rel)
+            self.location.delete(rel)
+            self._clock = (stamp if stamp is not None else time.time(), sent)
+        return self._clock[0] + (time.monotonic() - self._clock[1])
+
+    def _beat(self) -> None:
+        """Re-put this process's claims every lease/4 seconds while it holds any."""
+        while True:
+            time.sleep(claim_lease() / 4)
+            with self._lock:
+                if not self._held:
+                    self._heartbeat = None
+                    return
+                for unit in sorted(self._held):
+                    try:
+                        self.location.write(unit_claim(unit), self._claim_body())
+                    except Exception as exc:  # a missed beat only risks a duplicated unit
+                        log.debug("claim heartbeat for unit %d failed: %s", unit, exc)
 
     def write_unit(self, unit: int, arrays: dict[str, np.ndarray], stats: dict[str, Any]) -> None:
         """Write one unit's teacher arrays, make them durable, then mark it done."""
         start, end = self.unit_range(unit)
-        for name, values in arrays.items():
-            self.group[name][start:end] = values
-        for name in arrays:
-            chunk = self.path / name / "c" / str(unit)
-            if self.group[name].ndim == 2:
-                chunk = chunk / "0"
-            _fsync(chunk)
-        _write_atomic(self.path / unit_marker(unit), json.dumps(stats).encode())
+        with self.location.guard("writing unit chunks"):
+            for name, values in arrays.items():
+                self.array(name)[start:end] = values
+        if self.location.local is not None:
+            for name in arrays:
+                chunk = self.location.local / name / "c" / str(unit)
+                if self.array(name).ndim == 2:
+                    chunk = chunk / "0"
+                _fsync(chunk)
+        self.location.write(unit_marker(unit), json.dumps(stats).encode())
 
     def finish_if_done(self) -> bool:
         """Mark the cache complete when every unit is done. Idempotent: any writer
@@ -198,7 +350,7 @@ class CacheStore:
         done = self.done_units()
         if len(done) < self.n_units:
             return False
-        markers = [self.read_marker(u) for u in range(self.n_units)]
+        markers = [json.loads(m) for m in self.location.read_many([unit_marker(u) for u in range(self.n_units)])]
         distortion_sum = sum(m["distortion_sum"] for m in markers)
         topk_rows = sum(m["topk_rows"] for m in markers)
         attrs = dict(self.attrs)
@@ -210,44 +362,59 @@ class CacheStore:
             "topk_rows": topk_rows,
         }
         attrs["completed_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        self.group.attrs[ATTR] = attrs
+        with self.location.guard("writing attributes"):
+            self.group.attrs[ATTR] = attrs
         self.attrs = attrs
         return True
 
     # -- sizes --------------------------------------------------------------
     def bytes_on_disk(self, names: Iterable[str] | None = None) -> dict[str, int]:
-        names = list(names) if names is not None else [p.name for p in self.path.iterdir() if (p / "zarr.json").exists()]
-        sizes = {}
-        for name in names:
-            sizes[name] = sum(f.stat().st_size for f in (self.path / name).rglob("*") if f.is_file())
-        return sizes
+        names = list(names) if names is not None else [n for n in self.location.listdir() if n in ARRAYS]
+        return {name: self.location.size(name) for name in names}
 
 
-def create_cache(path: Path, plan: Plan, attrs: dict[str, Any], vocab_size: int) -> CacheStore:
+def _build_group(path: Path, plan: Plan, attrs: dict[str, Any], vocab_size: int) -> None:
+    """Write a new group with its static arrays (tokens, offsets, mask, ids) at ``path``."""
+    group = zarr.open_group(str(path), mode="w")
+    n, s, k, c = plan.n_tokens, len(plan.example_ids), attrs["top_k"], plan.chunk_tokens
+
+    def make(name: str, shape: tuple, chunks: tuple, dtype: Any) -> zarr.Array:
+        return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, **codec.zarr_codecs(name))
+
+    make("tokens", (n,), (c,), np.int32)[:] = plan.tokens
+    make("loss_mask", (n,), (c,), bool)[:] = plan.loss_mask
+    make("offsets", (s + 1,), (SEQUENCE_CHUNK,), np.int64)[:] = plan.offsets
+    make("example_id", (s,), (SEQUENCE_CHUNK,), np.uint64)[:] = plan.example_ids
+    make("label_logprob", (n,), (c,), np.float16)
+    make("topk_head", (n,), (c,), np.float16)
+    make("topk_ids", (n, k), (c, k), codec.ids_dtype(vocab_size))
+    make("topk_logprobs", (n, k), (c, k), np.uint8)
+    group.attrs[ATTR] = attrs
+
+
+def create_cache(path: str | os.PathLike | Location, plan: Plan, attrs: dict[str, Any], vocab_size: int) -> CacheStore:
     """Create a cache whose static arrays (tokens, offsets, mask, ids) are in place.
 
-    The group is built under a temporary name and renamed into place, so a
-    concurrent writer either sees no cache or a whole one; when two race, the
-    loser discards its copy and joins the winner's.
+    A concurrent writer either sees no cache or a whole one. Local: the group
+    is built under a temporary name and renamed into place; when two race,
+    the loser discards its copy and joins the winner's. Object store: the
+    group is built locally and uploaded, its zarr.json last; when two race,
+    both upload the same objects and the second keeps the first's zarr.json.
     """
+    location = as_location(path)
+    if location.local is None:
+        with tempfile.TemporaryDirectory(prefix="hpd-cache-") as tmp:
+            staged = Path(tmp) / "cache"
+            _build_group(staged, plan, attrs, vocab_size)
+            location.upload(staged, skip=("zarr.json",))
+            if not is_cache(location):  # else another writer created it first: keep its attributes
+                location.write("zarr.json", (staged / "zarr.json").read_bytes())
+        return CacheStore(location)
+    path = location.local
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        group = zarr.open_group(str(tmp), mode="w")
-        n, s, k, c = plan.n_tokens, len(plan.example_ids), attrs["top_k"], plan.chunk_tokens
-
-        def make(name: str, shape: tuple, chunks: tuple, dtype: Any) -> zarr.Array:
-            return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype, fill_value=0, **codec.zarr_codecs(name))
-
-        make("tokens", (n,), (c,), np.int32)[:] = plan.tokens
-        make("loss_mask", (n,), (c,), bool)[:] = plan.loss_mask
-        make("offsets", (s + 1,), (SEQUENCE_CHUNK,), np.int64)[:] = plan.offsets
-        make("example_id", (s,), (SEQUENCE_CHUNK,), np.uint64)[:] = plan.example_ids
-        make("label_logprob", (n,), (c,), np.float16)
-        make("topk_head", (n,), (c,), np.float16)
-        make("topk_ids", (n, k), (c, k), codec.ids_dtype(vocab_size))
-        make("topk_logprobs", (n, k), (c, k), np.uint8)
-        group.attrs[ATTR] = attrs
+        _build_group(tmp, plan, attrs, vocab_size)
         (tmp / "progress").mkdir()
         try:
             os.rename(tmp, path)
@@ -257,17 +424,20 @@ def create_cache(path: Path, plan: Plan, attrs: dict[str, Any], vocab_size: int)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return CacheStore(path)
+    return CacheStore(location)
 
 
-def is_cache(path: Path) -> bool:
-    meta = path / "zarr.json"
-    if not meta.is_file():
-        return False
+def is_cache(path: str | os.PathLike | Location) -> bool:
     try:
-        return ATTR in json.loads(meta.read_text()).get("attributes", {})
-    except (OSError, ValueError):
+        return bool(_read_attrs(as_location(path)))
+    except OSError:
         return False
+
+
+def caches_under(root: str | os.PathLike | Location) -> list[Location]:
+    """The caches directly under a folder or URL, by name."""
+    root = as_location(root)
+    return [root / name for name in root.listdir() if is_cache(root / name)]
 
 
 def _alive(pid: int) -> bool:
@@ -289,13 +459,3 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

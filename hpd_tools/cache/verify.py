@@ -28,13 +28,14 @@ class VerifyReport:
     label_in_topk: int = 0
     max_label_gap: float = 0.0
     complete: bool = False
+    units_claimed: int = 0  # units without a marker that a writer holds (or held, if it stopped)
     problems: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return self.__dict__.copy()
 
 
-def _fail(path: Path, message: str) -> None:
+def _fail(path: str | Path, message: str) -> None:
     raise CacheCorruptError(f"{path}: {message}; rebuild the affected cache (delete it and rerun `hpd-tools cache`)")
 
 
@@ -42,7 +43,9 @@ def verify_cache(path: str | Path) -> VerifyReport:
     """Check shapes, offsets, masks and every stored log-prob; raise on the first violation.
 
     An incomplete cache is checked as far as it is written; ``complete`` in
-    the report says whether it is finished.
+    the report says whether it is finished. Every token-axis array must be
+    chunked by the attributes' ``chunk_tokens`` (two writers that created one
+    cache at once with different --chunk-tokens would break this).
     """
     store = CacheStore(path)
     path = store.path
@@ -63,6 +66,9 @@ def verify_cache(path: str | Path) -> VerifyReport:
             _fail(path, f"array '{name}' is missing")
         if tuple(actual) != shape:
             _fail(path, f"array '{name}' has shape {tuple(actual)}, expected {shape}")
+        chunk = store.array(name).chunks[0]
+        if name not in ("offsets", "example_id") and chunk != store.chunk_tokens:
+            _fail(path, f"array '{name}' is chunked by {chunk} positions, the attributes say {store.chunk_tokens}")
     offsets = store.array("offsets")[:]
     if offsets[0] != 0 or offsets[-1] != n:
         _fail(path, f"offsets run from {offsets[0]} to {offsets[-1]}, expected 0 to {n}")
@@ -75,7 +81,7 @@ def verify_cache(path: str | Path) -> VerifyReport:
     done = store.done_units()
     if store.complete and len(done) < n_units:
         _fail(path, f"marked complete but only {len(done)}/{n_units} units have markers")
-    report = VerifyReport(location=str(path), units_total=n_units, complete=store.complete)
+    report = VerifyReport(location=str(path), units_total=n_units, complete=store.complete, units_claimed=len(store.claimed_units() - done))
     progress = Progress(total=len(done), unit="units", desc="verify")
     for unit in sorted(done):
         start, end = store.unit_range(unit)
@@ -93,7 +99,7 @@ def verify_cache(path: str | Path) -> VerifyReport:
     return report
 
 
-def _check_unit(path: Path, unit: int, start: int, d: dict[str, np.ndarray], last_positions: np.ndarray, k: int, vocab: int | None, report: VerifyReport) -> None:
+def _check_unit(path: str | Path, unit: int, start: int, d: dict[str, np.ndarray], last_positions: np.ndarray, k: int, vocab: int | None, report: VerifyReport) -> None:
     n = len(d["tokens"])
     where = lambda i: f"position {start + int(i)} (unit {unit})"  # noqa: E731
     is_last = np.zeros(n, dtype=bool)

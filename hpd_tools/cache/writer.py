@@ -6,18 +6,21 @@ Order of work, each step cheap before the expensive one:
 2. hash the inputs into the cache key; a complete cache with that key is
    returned at once, without loading the teacher;
 3. create the cache (static arrays first) or join the existing one;
-4. for every unit this shard owns and no marker records as done: take each
-   sequence from a complete cache of the same teacher and tokenizer when it
-   holds that example (``reuse``), else score it with the teacher; write the
-   unit's chunks, then its marker;
+4. for every unit this shard owns and no marker records as done: claim it
+   (units another writer holds are skipped, waited for, and computed here if
+   their claim goes stale); take each sequence from a complete cache of the
+   same teacher and tokenizer when it holds that example (``reuse``), else
+   score it with the teacher; write the unit's chunks, then its marker;
 5. the writer that finds every unit done marks the cache complete.
+
+The cache may be a local folder or an fsspec URL (layout.py says how each is
+kept consistent).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +34,7 @@ from ..errors import HPDError
 from ..hashing import chat_template_hash, hash_obj, model_hash, sha256_hex, tokenizer_hash
 from ..progress import Progress
 from . import codec
-from .layout import ATTR, FORMAT_VERSION, CacheStore, Plan, cache_root, create_cache, is_cache
+from .layout import ARRAYS, FORMAT_VERSION, CacheStore, Location, Plan, as_location, cache_home, caches_under, create_cache, is_cache
 
 log = logging.getLogger(__name__)
 
@@ -153,16 +156,14 @@ class _Donors:
         self._chunks: dict[tuple[int, str, int], np.ndarray] = {}
 
     @classmethod
-    def find(cls, roots: list[Path], compat: str, exclude: Path) -> "_Donors":
+    def find(cls, roots: list[Location], compat: str, exclude: Location) -> "_Donors":
         found = []
         for root in dict.fromkeys(roots):
-            if not root.is_dir():
-                continue
-            for path in sorted(root.iterdir()):
-                if path.resolve() == exclude.resolve() or not is_cache(path):
+            for location in caches_under(root):
+                if location == exclude:
                     continue
                 try:
-                    cache = CacheStore(path)
+                    cache = CacheStore(location)
                 except HPDError:
                     continue
                 if cache.complete and cache.attrs.get("compat") == compat:
@@ -248,7 +249,7 @@ def build_cache(config: CacheConfig, teacher: TeacherEngine | None = None, dry_r
     compat = hash_obj(identity)
     fingerprint = sha256_hex(plan.example_ids.tobytes())
     key = hash_obj({"compat": compat, "data": fingerprint})[:32]
-    out = Path(config.out) if config.out else cache_root() / key
+    out = as_location(config.out) if config.out else cache_home() / key
 
     if dry_run:
         complete = is_cache(out) and CacheStore(out).key == key and CacheStore(out).complete
@@ -258,7 +259,7 @@ def build_cache(config: CacheConfig, teacher: TeacherEngine | None = None, dry_r
         store = CacheStore(out)
         if store.key != key:
             raise HPDError(f"--out {out}: holds a cache for other inputs (key {store.key}, these inputs give {key}); choose another --out or remove it")
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
+    elif _occupied(out):
         raise HPDError(f"--out {out}: exists and is not an hpd-tools cache; choose an empty or new location")
     else:
         attrs = {
@@ -292,114 +293,126 @@ def build_cache(config: CacheConfig, teacher: TeacherEngine | None = None, dry_r
     if not store.complete:
         # The layout of an existing cache wins over this run's --chunk-tokens.
         plan = Plan(plan.tokens, plan.offsets, plan.loss_mask, plan.example_ids, store.chunk_tokens)
-        _fill(store, plan, config, dtype, result, roots=[cache_root(), out.parent], teacher=teacher)
+        _fill(store, plan, config, dtype, result, roots=[cache_home(), out.parent], teacher=teacher)
         result.complete = store.finish_if_done()
     result.seconds = time.time() - started
     result.bytes_on_disk = sum(store.bytes_on_disk().values())
     return result
 
 
-def _fill(store: CacheStore, plan: Plan, config: CacheConfig, dtype: str, result: CacheResult, roots: list[Path], teacher: TeacherEngine | None) -> None:
+def _occupied(out: Location) -> bool:
+    """Whether ``out`` holds something other than a cache. On object storage, the
+    arrays of a cache whose creation stopped before its zarr.json do not count:
+    creating it again puts the same objects."""
+    if out.local is not None:
+        return out.local.exists() and (not out.local.is_dir() or any(out.local.iterdir()))
+    return not set(out.listdir()) <= {*ARRAYS, "progress"}
+
+
+def _fill(store: CacheStore, plan: Plan, config: CacheConfig, dtype: str, result: CacheResult, roots: list[Location], teacher: TeacherEngine | None) -> None:
     index, count = config.shard
     done = store.done_units()
     pending = [u for u in range(plan.n_units) if u % count == index and u not in done]
     if not pending:
         return
-    donors = _Donors.find(roots, store.attrs["compat"], store.path) if config.reuse else _Donors([])
+    donors = _Donors.find(roots, store.attrs["compat"], store.location) if config.reuse else _Donors([])
     k = store.k
     ids_dtype = np.dtype(store.array("topk_ids").dtype)
     own_teacher = teacher is None
     reused_sequences: set[int] = set()
     total = sum(plan.unit_range(u)[1] - plan.unit_range(u)[0] for u in pending)
     progress = Progress(total=total, unit="tok", desc=f"cache shard {index}/{count}")
+
+    def compute(unit: int) -> None:
+        """Score (or reuse) one claimed unit and write it; the claim is released even on failure."""
+        try:
+            if not store.is_done(unit):  # else finished by another writer since this one listed its work
+                work(unit)
+        finally:
+            store.release(unit)
+
+    def work(unit: int) -> None:
+        nonlocal teacher
+        start, end = plan.unit_range(unit)
+        buffers = _unit_buffers(end - start, k, ids_dtype)
+        jobs = []  # (sequence start, local a, local b, prefix tokens)
+        reused = 0
+        for s in plan.sequences_in(start, end):
+            o0, o1 = int(plan.offsets[s]), int(plan.offsets[s + 1])
+            a, b = max(o0, start) - o0, min(o1, end) - o0
+            seq_tokens = plan.tokens[o0:o1]
+            hit = donors.lookup(int(plan.example_ids[s]), seq_tokens) if donors.caches else None
+            if hit is not None:
+                c_i, d0 = hit
+                for name, rows in donors.rows(c_i, d0 + a, d0 + b).items():
+                    buffers[name][o0 + a - start : o0 + b - start] = rows
+                reused += 1
+                reused_sequences.add(s)
+                continue
+            # Rows with a next token: local positions a .. min(b, L-1) - 1.
+            b_label = min(b, o1 - o0 - 1)
+            if b_label > a:
+                jobs.append((o0, a, b_label, seq_tokens[: b_label + 1]))
+        distortion = {"distortion_sum": 0.0, "distortion_max": 0.0, "weighted_abs_error_sum": 0.0, "topk_rows": 0}
+        if jobs and teacher is None:
+            from ..engines import make_teacher
+
+            progress.note("starting teacher")
+            teacher = make_teacher(config.engine, config.teacher, k=k, max_length=store.attrs["max_length"], dtype=dtype, batch_tokens=config.batch_tokens, seed=config.seed, engine_args=config.engine_args)
+            if teacher.vocab_size < k:
+                raise HPDError(f"--top-k {k}: larger than the engine's vocabulary ({teacher.vocab_size})")
+            progress.restart_clock()
+        scored_tokens = 0
+        for batch in _batches(jobs, config.batch_tokens):
+            t0 = time.time()
+            scores = teacher.score([j[3] for j in batch], k)
+            result.score_seconds += time.time() - t0
+            for (o0, a, b, prefix), sc in zip(batch, scores):
+                lo, hi = o0 + a - start, o0 + b - start
+                buffers["label_logprob"][lo:hi] = sc.label_logprob[a:b]
+                mask = plan.loss_mask[o0 + a : o0 + b]
+                exact = sc.topk_logprobs[a:b][mask]
+                head, codes = codec.encode_logprobs(exact)
+                rows = np.flatnonzero(mask) + lo
+                buffers["topk_head"][rows] = head
+                buffers["topk_logprobs"][rows] = codes
+                buffers["topk_ids"][rows] = sc.topk_ids[a:b][mask]
+                if len(exact):
+                    d, w = codec.kl_distortion(exact, codec.decode_logprobs(head, codes))
+                    distortion["distortion_sum"] += float(d.sum())
+                    distortion["weighted_abs_error_sum"] += float(w.sum())
+                    distortion["distortion_max"] = max(distortion["distortion_max"], float(d.max()))
+                    distortion["topk_rows"] += int(len(exact))
+                scored_tokens += len(prefix)
+            progress.update(sum(b - a for _, a, b, _ in batch))
+        progress.update((end - start) - sum(b - a for _, a, b, _ in jobs), count_rate=False)
+        store.write_unit(unit, buffers, {"unit": unit, "sequences_reused": reused, "tokens_scored": scored_tokens, **distortion})
+        result.units_computed += 1
+        result.sequences_reused = len(reused_sequences)
+        result.tokens_scored += scored_tokens
+
     try:
         waiting: list[int] = []
         for unit in pending:
-            if not store.claim(unit):
+            if store.claim(unit):
+                compute(unit)
+            else:
                 waiting.append(unit)  # another writer of this cache and shard is on it
-                continue
-            if store.is_done(unit):  # finished by another writer since this one listed its work
-                store.release(unit)
-                continue
-            start, end = plan.unit_range(unit)
-            buffers = _unit_buffers(end - start, k, ids_dtype)
-            jobs = []  # (sequence start, local a, local b, prefix tokens)
-            reused = 0
-            for s in plan.sequences_in(start, end):
-                o0, o1 = int(plan.offsets[s]), int(plan.offsets[s + 1])
-                a, b = max(o0, start) - o0, min(o1, end) - o0
-                seq_tokens = plan.tokens[o0:o1]
-                hit = donors.lookup(int(plan.example_ids[s]), seq_tokens) if donors.caches else None
-                if hit is not None:
-                    c_i, d0 = hit
-                    for name, rows in donors.rows(c_i, d0 + a, d0 + b).items():
-                        buffers[name][o0 + a - start : o0 + b - start] = rows
-                    reused += 1
-                    reused_sequences.add(s)
-                    continue
-                # Rows with a next token: local positions a .. min(b, L-1) - 1.
-                b_label = min(b, o1 - o0 - 1)
-                if b_label > a:
-                    jobs.append((o0, a, b_label, seq_tokens[: b_label + 1]))
-            distortion = {"distortion_sum": 0.0, "distortion_max": 0.0, "weighted_abs_error_sum": 0.0, "topk_rows": 0}
-            if jobs and teacher is None:
-                from ..engines import make_teacher
-
-                progress.note("starting teacher")
-                teacher = make_teacher(config.engine, config.teacher, k=k, max_length=store.attrs["max_length"], dtype=dtype, batch_tokens=config.batch_tokens, seed=config.seed, engine_args=config.engine_args)
-                if teacher.vocab_size < k:
-                    raise HPDError(f"--top-k {k}: larger than the engine's vocabulary ({teacher.vocab_size})")
-                progress.restart_clock()
-            scored_tokens = 0
-            for batch in _batches(jobs, config.batch_tokens):
-                t0 = time.time()
-                scores = teacher.score([j[3] for j in batch], k)
-                result.score_seconds += time.time() - t0
-                for (o0, a, b, prefix), sc in zip(batch, scores):
-                    lo, hi = o0 + a - start, o0 + b - start
-                    buffers["label_logprob"][lo:hi] = sc.label_logprob[a:b]
-                    mask = plan.loss_mask[o0 + a : o0 + b]
-                    exact = sc.topk_logprobs[a:b][mask]
-                    head, codes = codec.encode_logprobs(exact)
-                    rows = np.flatnonzero(mask) + lo
-                    buffers["topk_head"][rows] = head
-                    buffers["topk_logprobs"][rows] = codes
-                    buffers["topk_ids"][rows] = sc.topk_ids[a:b][mask]
-                    if len(exact):
-                        d, w = codec.kl_distortion(exact, codec.decode_logprobs(head, codes))
-                        distortion["distortion_sum"] += float(d.sum())
-                        distortion["weighted_abs_error_sum"] += float(w.sum())
-                        distortion["distortion_max"] = max(distortion["distortion_max"], float(d.max()))
-                        distortion["topk_rows"] += int(len(exact))
-                    scored_tokens += len(prefix)
-                progress.update(sum(b - a for _, a, b, _ in batch))
-            progress.update((end - start) - sum(b - a for _, a, b, _ in jobs), count_rate=False)
-            store.write_unit(unit, buffers, {"unit": unit, "sequences_reused": reused, "tokens_scored": scored_tokens, **distortion})
-            store.release(unit)
-            result.units_computed += 1
-            result.sequences_reused = len(reused_sequences)
-            result.tokens_scored += scored_tokens
         if waiting:
             progress.note(f"{len(waiting)} unit(s) are being written by another process; waiting for them")
-            _wait_for(store, waiting)
+        while waiting:
+            done = store.done_units()
+            waiting = [u for u in waiting if u not in done]
+            for unit in list(waiting):
+                if store.claim(unit):  # its writer stopped (dead process or stale lease): do it here
+                    compute(unit)
+                    waiting.remove(unit)
+            if waiting:
+                time.sleep(0.5 if store.location.local is not None else 2.0)
     finally:
         progress.close()
         if own_teacher and teacher is not None:
             teacher.close()
-
-
-def _wait_for(store: CacheStore, units: list[int], poll: float = 0.5) -> None:
-    """Wait until other writers finish ``units``; a unit whose writer died is an error
-    that names it (rerunning the command computes it)."""
-    remaining = set(units)
-    while remaining:
-        remaining -= store.done_units()
-        for unit in sorted(remaining):
-            if store.claim(unit):  # its writer is gone: the unit is free again
-                store.release(unit)
-                raise HPDError(f"{store.path}: the writer of unit {unit} stopped before finishing it; rerun the command to compute it")
-        if remaining:
-            time.sleep(poll)
 
 
 def _batches(jobs: list, budget: int) -> list[list]:
