@@ -38,10 +38,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def s3() -> str:
-    """A moto S3 server on 127.0.0.1 with one bucket; its endpoint and test
-    credentials are in the environment (for this process and its children)."""
+def start_moto() -> tuple[subprocess.Popen, str]:
+    """A moto S3 server on a free port of 127.0.0.1, answering."""
     port = _free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -50,12 +48,19 @@ def s3() -> str:
     while True:
         try:
             urllib.request.urlopen(endpoint, timeout=1).close()
-            break
+            return server, endpoint
         except OSError:
             if server.poll() is not None or time.time() > deadline:
                 server.kill()
                 pytest.fail(f"moto server did not start on {endpoint}")
             time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def s3() -> str:
+    """A moto S3 server on 127.0.0.1 with one bucket; its endpoint and test
+    credentials are in the environment (for this process and its children)."""
+    server, endpoint = start_moto()
     env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
            "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
     saved = {k: os.environ.get(k) for k in env}
@@ -295,3 +300,36 @@ def test_bad_urls_are_one_line_errors(s3, teacher, tmp_path):
     procs = [start(args, env) for args, env, _ in cases]
     for (_, _, needles), p in zip(cases, procs):
         one_line(finish(p), *needles)
+
+
+def test_storage_lost_mid_training_is_a_one_line_error(s3, teacher, tmp_path):
+    """The endpoint goes away while `distill` streams from it: the run stops with
+    one line naming the URL and what failed, and keeps its last checkpoint."""
+    import boto3
+
+    server, endpoint = start_moto()
+    try:
+        env = {"AWS_ENDPOINT_URL": endpoint, "AWS_MAX_ATTEMPTS": "1"}
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=BUCKET)
+        location = url("lost")
+        data = write_jsonl(tmp_path / "d.jsonl", train_records(24))
+        made = finish(start(cache_cmd(teacher, data, location), env))
+        assert made.returncode == 0, made.stderr
+        student = make_student(teacher, tmp_path / "student")
+        run = tmp_path / "run"
+        proc = start(["distill", "--cache", location, "--student", str(student), "--out", str(run), "--max-steps", "1000",
+                      "--batch-tokens", "512", "--loss-chunk-tokens", "256", "--save-every", "1"], env)
+        deadline = time.time() + 120
+        while not (run / "step-000002").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-2000:]
+            time.sleep(0.2)
+        server.kill()
+        server.wait(10)
+        result = finish(proc)
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr
+        line = result.stderr.strip().splitlines()[-1]
+        assert line.startswith(f"error: {location}: reading unit ") and "cannot reach the storage endpoint" in line, line
+        assert (run / "step-000002" / "meta.json").exists()
+    finally:
+        server.kill()

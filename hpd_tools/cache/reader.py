@@ -9,9 +9,10 @@ memory at a time.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -70,12 +71,19 @@ class CacheReader:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
         self.buffer_sequences = buffer_sequences
-        self.offsets = self.store.array("offsets")[:]
+        with self._reading("offsets"):
+            self.offsets = self.store.array("offsets")[:]
         self.k = self.store.k
         self._example_ids = self.store.array("example_id")
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
+
+    def _reading(self, what: str) -> Any:
+        """On object storage, a failed read (endpoint gone, credentials expired)
+        becomes a one-line CacheError naming the URL and what was being read."""
+        location = self.store.location
+        return location.guard(f"reading {what}") if location.local is None else contextlib.nullcontext()
 
     def units(self, epoch: int = 0) -> list[int]:
         """This rank's units, in this epoch's order."""
@@ -92,10 +100,11 @@ class CacheReader:
         if first >= last:
             return []
         lo, hi = int(self.offsets[first]), int(self.offsets[last])
-        a = {name: self.store.array(name)[lo:hi] for name in ("tokens", "loss_mask", "label_logprob", "topk_ids", "topk_logprobs", "topk_head")}
+        with self._reading(f"unit {unit}"):
+            a = {name: self.store.array(name)[lo:hi] for name in ("tokens", "loss_mask", "label_logprob", "topk_ids", "topk_logprobs", "topk_head")}
+            ids = self._example_ids[first:last]
         logprobs = codec.decode_logprobs(a["topk_head"], a["topk_logprobs"])
         logprobs[~a["loss_mask"]] = 0.0
-        ids = self._example_ids[first:last]
         out = []
         for j, s in enumerate(range(first, last)):
             p, q = int(self.offsets[s]) - lo, int(self.offsets[s + 1]) - lo
