@@ -167,6 +167,23 @@ def test_reader_streams_every_sequence_once(built):
     assert sorted(seen) == list(range(built.sequences)) and set(seen.values()) == {1}
 
 
+def test_reader_readahead_yields_the_same_stream(built):
+    """Units read ahead in threads (the default on object storage) change nothing
+    but timing, also for a stream resumed mid-epoch or dropped half-way."""
+    plain = CacheReader(built.location, seed=2, buffer_sequences=8, readahead=0)
+    ahead = CacheReader(built.location, seed=2, buffer_sequences=8, readahead=3)
+    assert built.units_total > 4
+    for start in (0, 7):
+        a, b = list(plain.sequences(1, start=start)), list(ahead.sequences(1, start=start))
+        assert [s.index for s in a] == [s.index for s in b]
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x.topk_logprobs, y.topk_logprobs)
+            np.testing.assert_array_equal(x.topk_ids, y.topk_ids)
+    it = ahead.sequences(0)
+    next(it)
+    it.close()  # stops its read-ahead threads
+
+
 def test_reader_shuffle_and_ranks(built):
     order = lambda **kw: [s.index for s in CacheReader(built.location, **kw).sequences()]  # noqa: E731
     assert order(seed=3) == order(seed=3)

@@ -9,6 +9,7 @@ memory at a time.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,8 +63,12 @@ class CacheReader:
         world_size: int = 1,
         buffer_sequences: int = 256,
         require_complete: bool = True,
+        readahead: int | None = None,
     ):
         self.store = CacheStore(path)
+        # Units read ahead in background threads while earlier ones are consumed:
+        # on object storage each chunk is a request, so by default 4; none on local disk.
+        self.readahead = readahead if readahead is not None else (4 if self.store.location.local is None else 0)
         if require_complete and not self.store.complete:
             done = len(self.store.done_units())
             raise CacheError(f"{path}: cache is incomplete ({done}/{self.store.n_units} units done); finish it by rerunning the `hpd-tools cache` command that made it")
@@ -152,23 +157,40 @@ class CacheReader:
     def sequences(self, epoch: int = 0, start: int = 0) -> Iterator[CachedSequence]:
         """This rank's sequences for ``epoch`` from position ``start`` of :meth:`order`.
 
-        Units are read when first needed and dropped once all their sequences
-        have been yielded, so memory holds a few units, not the cache.
+        Units are read when first needed (``readahead`` of the next ones in
+        background threads) and dropped once all their sequences have been
+        yielded, so memory holds a few units, not the cache.
         """
-        order = self.order(epoch)[start:]
+        order = self.order(epoch)[start:].tolist()
         remaining: dict[int, int] = {}
-        for s in order.tolist():
+        for s in order:
             u = self.unit_of(s)
             remaining[u] = remaining.get(u, 0) + 1
+        needed = list(remaining)  # units in the order they are first needed
+        position = {u: i for i, u in enumerate(needed)}
+        pool = concurrent.futures.ThreadPoolExecutor(self.readahead, thread_name_prefix="hpd-readahead") if self.readahead else None
+        pending: dict[int, concurrent.futures.Future] = {}
         loaded: dict[int, dict[int, CachedSequence]] = {}
-        for s in order.tolist():
-            u = self.unit_of(s)
-            if u not in loaded:
-                loaded[u] = {seq.index: seq for seq in self.read_unit(u)}
-            yield loaded[u][s]
-            remaining[u] -= 1
-            if remaining[u] == 0:
-                del loaded[u]
+        next_unit = 0
+        try:
+            for s in order:
+                u = self.unit_of(s)
+                if u not in loaded:
+                    if pool is not None:
+                        while next_unit < len(needed) and next_unit <= position[u] + self.readahead:
+                            pending[needed[next_unit]] = pool.submit(self.read_unit, needed[next_unit])
+                            next_unit += 1
+                        seqs = pending.pop(u).result()
+                    else:
+                        seqs = self.read_unit(u)
+                    loaded[u] = {seq.index: seq for seq in seqs}
+                yield loaded[u][s]
+                remaining[u] -= 1
+                if remaining[u] == 0:
+                    del loaded[u]
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)  # in-flight reads finish; queued ones are dropped
 
     def read_sequence(self, index: int) -> CachedSequence:
         """One sequence by its index (random access; reads the chunks it spans)."""

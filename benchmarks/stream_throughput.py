@@ -1,0 +1,131 @@
+"""Streaming a cache for training: local disk against S3 (a moto server on 127.0.0.1).
+
+    HPD_CACHE_HOME=... python benchmarks/stream_throughput.py [--cache DIR] [--teacher smollm2-135m-instruct]
+        [--data data/instructions/train.jsonl] [--batch-tokens 4096] [--epochs 3] [--json out.json]
+
+Rows, each reading the same cache in full ``--epochs`` times through the
+training stream (``StepStream`` + ``Prefetcher``, as ``distill`` does; one
+data slot): decoded response and total tokens per second, and the time to the
+first batch. The baseline is the local copy, measured in the same run. The S3
+copy is uploaded to a moto server started here: this measures the client path
+(s3fs, Zarr's FsspecStore, one request per chunk) with no network in between,
+so a real object store adds its own latency per request on top; and the moto
+server is a Python process on the same cores, whose CPU use is printed (on a
+2-core machine it takes a large share of them).
+
+The cache (built once into ``--cache``, engine hf, top-k 64) is the SmolLM2
+demo-sized one unless given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+
+def moto() -> tuple[subprocess.Popen, str]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            urllib.request.urlopen(endpoint, timeout=1).close()
+            return server, endpoint
+        except OSError:
+            time.sleep(0.2)
+    server.kill()
+    sys.exit("moto server did not start")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def read_all(location: str, batch_tokens: int, epochs: int) -> dict[str, float]:
+    from hpd_tools.stream import Prefetcher, StepStream
+
+    start = time.perf_counter()
+    stream = StepStream([location], slots=[0], n_slots=1, batch_tokens=batch_tokens, seed=0)
+    batches = Prefetcher(stream)
+    first = None
+    tokens = response = 0
+    source = stream.streams[0].sources[0]
+    while source.epoch < epochs:
+        (batch,) = batches.next_batch()
+        if first is None:
+            first = time.perf_counter() - start
+        tokens += batch.n_tokens
+        response += int(batch.loss_mask.sum())
+    batches.close()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "tokens_per_s": tokens / seconds, "response_tokens_per_s": response / seconds, "first_batch_s": first}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "hpd-distributed-cache"))
+    parser.add_argument("--teacher", default="smollm2-135m-instruct")
+    parser.add_argument("--data", default="data/instructions/train.jsonl")
+    parser.add_argument("--batch-tokens", type=int, default=4096)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    from hpd_tools import CacheConfig, build_cache, cache_info
+    from hpd_tools.models import resolve_teacher
+
+    cache = build_cache(CacheConfig(teacher=resolve_teacher(args.teacher), data=args.data, engine="hf", top_k=64, out=args.cache, chunk_tokens=2048, reuse=False))
+    info = cache_info(cache.location)
+    server, endpoint = moto()
+    try:
+        os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
+        import s3fs
+
+        fs = s3fs.S3FileSystem()
+        fs.mkdir("bench")
+        t0 = time.perf_counter()
+        fs.put(cache.location.rstrip("/") + "/", "bench/cache", recursive=True)
+        upload = time.perf_counter() - t0
+        remote = "s3://bench/cache"
+        rows = []
+        for name, location in (("local disk", cache.location), ("S3 (moto, 127.0.0.1)", remote), ("local disk (again)", cache.location), ("S3 (again)", remote)):
+            server_cpu = cpu_seconds(server.pid)
+            r = read_all(location, args.batch_tokens, args.epochs)
+            r["server_cpu_share"] = (cpu_seconds(server.pid) - server_cpu) / r["seconds"]
+            rows.append({"row": name, **r})
+            print(f"{name}: {r['tokens_per_s']:,.0f} tok/s", file=sys.stderr, flush=True)
+    finally:
+        server.kill()
+
+    best = {}
+    for r in rows:
+        key = r["row"].split(" (again)")[0].split(" (moto")[0]
+        if key not in best or r["tokens_per_s"] > best[key]["tokens_per_s"]:
+            best[key] = r
+    base = best["local disk"]["tokens_per_s"]
+    print(f"\ncache: {info['sequences']} sequences, {info['tokens']:,} tokens ({info['response_tokens']:,} response), k {info['k']}, "
+          f"{info['units_total']} units, {info['bytes_on_disk'] / 1e6:.1f} MB; uploaded to moto in {upload:.1f} s; {args.epochs} epochs, "
+          f"{args.batch_tokens}-token batches, best of 2\n")
+    print("| source | tokens/s | response tokens/s | vs local | first batch | S3 server's CPU (cores busy) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for key, r in best.items():
+        server = f"{r['server_cpu_share']:.2f}" if key.startswith("S3") else ""
+        print(f"| {key} | {r['tokens_per_s']:,.0f} | {r['response_tokens_per_s']:,.0f} | {r['tokens_per_s'] / base:.2f}x | {r['first_batch_s']:.2f} s | {server} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "cache": {k: info[k] for k in ("sequences", "tokens", "response_tokens", "k", "units_total", "bytes_on_disk")}, "upload_s": upload, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
