@@ -333,3 +333,22 @@ def test_storage_lost_mid_training_is_a_one_line_error(s3, teacher, tmp_path):
         assert (run / "step-000002" / "meta.json").exists()
     finally:
         server.kill()
+
+
+def test_torchrun_ranks_stream_one_s3_cache(s3_cache, teacher, tmp_path):
+    """Two DDP ranks read their partitions of one cache on S3 and take the steps
+    one process with --grad-accum 2 takes on it."""
+    from test_distributed import metrics, torchrun
+
+    student = make_student(teacher, tmp_path / "student")
+    args = ["distill", "--cache", s3_cache["url"], "--student", str(student), "--max-steps", "3", "--batch-tokens", "512",
+            "--loss-chunk-tokens", "256", "--lr", "1e-3", "--loss", "fkl"]
+    single = finish(start([*args, "--out", str(tmp_path / "one"), "--grad-accum", "2"]))
+    assert single.returncode == 0, single.stderr[-2000:]
+    ranks = torchrun(*args, "--out", str(tmp_path / "two"))
+    assert ranks.returncode == 0, ranks.stderr[-2000:]
+    one = [r for r in metrics(tmp_path / "one") if "loss" in r]
+    two = [r for r in metrics(tmp_path / "two") if "loss" in r]
+    assert len(one) == len(two) == 3
+    assert [r["response_tokens"] for r in one] == [r["response_tokens"] for r in two]
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], rel=1e-4)
