@@ -233,8 +233,9 @@ def distill(ctx: click.Context, config_path: str | None, **_: Any) -> None:
                 raise HPDError(f"--{required.rstrip('s')}: required (on the command line or in --config)")
         config = build(DistillConfig, values, where=f"--config {config_path}" if config_path else "distill options")
         last = train(config)
-        click.echo(json.dumps(last, indent=2), err=True)
-        click.echo(str(Path(config.out) / "final"))
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 reports for all
+            click.echo(json.dumps(last, indent=2), err=True)
+            click.echo(str(Path(config.out) / "final"))
 
     _run(go)
 

@@ -98,6 +98,7 @@ def test_two_processes_match_one(setup, reference, mode, tmp_path):
     out = tmp_path / mode
     result = torchrun(*distill_args(setup, out, *(["--fsdp"] if mode == "fsdp" else [])))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == [str(out / "final")]  # reported once, by rank 0
     assert_same_run(reference, out)
     meta = json.loads((out / "step-000002" / "meta.json").read_text())
     assert meta["world_size"] == 2 and meta["n_slots"] == 2 and sorted(meta["slots"]) == ["0", "1"]
