@@ -211,6 +211,8 @@ def cache(ctx: click.Context, config_path: str | None, as_json: bool, **_: Any) 
 @click.option("--onpolicy-buffer", default=64, show_default=True, help="Scored rollouts kept and reused.")
 @click.option("--prompt-cache", default=None, help="Cache whose prompts are sampled from (default: the first --cache).")
 @click.option("--fsdp", is_flag=True, default=None, help="Under torchrun: shard the student with FSDP2 instead of replicating it with DDP.")
+@click.option("--pack/--no-pack", default=None, help="Pack sequences end to end (each attends to itself only) instead of padding them. Default: --no-pack.")
+@click.option("--pack-width", default=None, type=int, help="With --pack: tokens per packed row (default: --batch-tokens, one row).")
 @click.pass_context
 def distill(ctx: click.Context, config_path: str | None, **_: Any) -> None:
     """Train a student from teacher caches with HPD or a baseline loss."""

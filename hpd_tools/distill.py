@@ -87,6 +87,9 @@ class DistillConfig:
     prompt_cache: str | None = None  # where prompts come from; default: the first --cache
     # Under torchrun (hpd_tools/parallel.py): shard the student with FSDP2 instead of replicating it (DDP)
     fsdp: bool = False
+    # Pack sequences end to end in rows of pack_width tokens (default batch_tokens: one row) instead of padding them
+    pack: bool = False
+    pack_width: int = 0
 
     def validate(self) -> None:
         if not self.caches:
@@ -166,16 +169,24 @@ def check_caches(paths: list[str], tokenizer: Any, what: str = "--cache") -> lis
     return stores
 
 
-def to_targets(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, Targets]:
-    """Input ids, attention mask and the flat targets of the trained positions.
+def to_targets(batch: Batch, device: torch.device) -> tuple[dict[str, Any], Targets]:
+    """The student's inputs and the flat targets of the trained positions.
 
     Position i is trained on token i+1 (the cache's convention), so hidden
-    state [b, i] meets labels[b, i] = input_ids[b, i+1].
+    state [b, i] meets labels[b, i] = input_ids[b, i+1]. A padded batch gets an
+    attention mask; a packed one position ids restarting at each sequence and no
+    mask, from which transformers builds the block-diagonal causal mask (each
+    sequence attends to itself only).
     """
     ids = torch.from_numpy(batch.input_ids).to(device)
-    attn = torch.zeros_like(ids)
-    for i, n in enumerate(batch.lengths):
-        attn[i, :n] = 1
+    inputs: dict[str, Any] = {"input_ids": ids, "use_cache": False}
+    if batch.position_ids is not None:
+        inputs["position_ids"] = torch.from_numpy(batch.position_ids).to(device)
+    else:
+        attn = torch.zeros_like(ids)
+        for i, n in enumerate(batch.lengths):
+            attn[i, :n] = 1
+        inputs["attention_mask"] = attn
     mask = torch.from_numpy(batch.loss_mask).to(device)
     labels = torch.zeros_like(ids)
     labels[:, :-1] = ids[:, 1:]
@@ -187,7 +198,30 @@ def to_targets(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.
         topk_logprobs=torch.from_numpy(batch.topk_logprobs).to(device)[mask],
         noise=torch.zeros(int(mask.sum()), device=device),
     )
-    return ids, attn, targets
+    return inputs, targets
+
+
+@torch.no_grad()
+def packing_works(model: Any) -> bool:
+    """Whether the student keeps packed sequences apart: two short sequences,
+    run packed and one by one, give the same hidden states. Models whose
+    attention ignores position-id boundaries would mix them."""
+    vocab = int(model.config.vocab_size)
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randint(3, vocab, (1, 5), generator=gen), torch.randint(3, vocab, (1, 7), generator=gen)
+    device = next(model.parameters()).device
+    base = model.base_model
+    was_training = model.training
+    model.eval()
+    try:
+        apart = torch.cat([base(input_ids=x.to(device), use_cache=False).last_hidden_state for x in (a, b)], dim=1)
+        pos = torch.cat([torch.arange(5), torch.arange(7)])[None].to(device)
+        together = base(input_ids=torch.cat([a, b], dim=1).to(device), position_ids=pos, use_cache=False).last_hidden_state
+    except Exception:  # a model that does not take position ids
+        return False
+    finally:
+        model.train(was_training)
+    return bool(torch.allclose(apart.float(), together.float(), atol=1e-4, rtol=1e-4))
 
 
 def _slice(t: Targets, a: int, b: int) -> Targets:
@@ -231,8 +265,8 @@ class StudentLoss(torch.nn.Module):
         self.model = model
         self.config = config
 
-    def forward(self, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor, targets: Targets, evaluate: bool = False) -> Any:
-        hidden = self.model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state[mask]
+    def forward(self, inputs: dict[str, Any], mask: torch.Tensor, targets: Targets, evaluate: bool = False) -> Any:
+        hidden = self.model.base_model(**inputs).last_hidden_state[mask]
         if not evaluate:
             return chunked_loss(self.model, hidden, targets, self.config)
         head, c = self.model.get_output_embeddings(), self.config.loss_chunk_tokens
@@ -326,12 +360,12 @@ def evaluate(model: Any, path: str, config: DistillConfig, device: torch.device,
             break
         last = batch
         if i % world.world_size == world.rank:
-            ids, attn, t = to_targets(batch, device)
-            sums += step_module(ids, attn, torch.from_numpy(batch.loss_mask).to(device), t, evaluate=True)
+            inputs, t = to_targets(batch, device)
+            sums += step_module(inputs, torch.from_numpy(batch.loss_mask).to(device), t, evaluate=True)
             done += 1
     while last is not None and done < rounds:  # keep FSDP2's collectives in step
-        ids, attn, t = to_targets(last, device)
-        step_module(ids, attn, torch.from_numpy(last.loss_mask).to(device), t, evaluate=True)
+        inputs, t = to_targets(last, device)
+        step_module(inputs, torch.from_numpy(last.loss_mask).to(device), t, evaluate=True)
         done += 1
     step_module.train(was_training)
     fkl, student_nll, teacher_nll, count = world.sum(sums.tolist())
@@ -379,11 +413,11 @@ def micro_step(model: Any, batch: Batch, noise_gen: torch.Generator, config: Dis
     step's response tokens). ``model`` is the student, or its StudentLoss under
     DDP/FSDP2. Returns the unscaled loss sum and diagnostic sums."""
     step_module = _as_step_module(model, config)
-    ids, attn, targets = to_targets(batch, device)
+    inputs, targets = to_targets(batch, device)
     targets.noise = torch.rand(targets.labels.shape[0], generator=noise_gen).to(device)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
     with autocast:
-        loss_sum, stats = step_module(ids, attn, torch.from_numpy(batch.loss_mask).to(device), targets)
+        loss_sum, stats = step_module(inputs, torch.from_numpy(batch.loss_mask).to(device), targets)
     (loss_sum * scale).backward()
     return float(loss_sum.detach()), stats
 
@@ -449,7 +483,9 @@ def _train(config: DistillConfig, world: World) -> dict[str, Any]:
 
     n_slots = world.world_size * config.grad_accum
     my_slots = list(range(world.rank * config.grad_accum, (world.rank + 1) * config.grad_accum))
-    stream = StepStream(config.caches, slots=my_slots, n_slots=n_slots, weights=config.cache_weights or None, batch_tokens=config.batch_tokens, seed=config.seed)
+    if config.pack and not packing_works(model):
+        raise HPDError(f"--pack: the student {config.student} ({type(model).__name__}) mixes packed sequences (its attention does not follow position-id boundaries); train without --pack")
+    stream = StepStream(config.caches, slots=my_slots, n_slots=n_slots, weights=config.cache_weights or None, batch_tokens=config.batch_tokens, seed=config.seed, packed=config.pack, pack_width=config.pack_width or None)
     noise = {j: _noise_generator(config.seed, j) for j in my_slots}
     rollout_noise = _noise_generator(config.seed, -1 - world.rank)
     onpolicy = None

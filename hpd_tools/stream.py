@@ -4,9 +4,13 @@ Each draw picks a cache with probability proportional to its weight (a seeded
 generator), then that cache's next sequence in its epoch order (CacheReader:
 chunk-level shuffle plus a shuffle buffer, this rank's partition). Batches are
 padded to their longest sequence and hold at most ``batch_tokens`` padded
-tokens. ``state()`` captures the exact position (per cache: epoch and
-sequences taken; the mixing generator; the sequence that overflowed the last
-batch), so a resumed run sees the same batches an uninterrupted one would.
+tokens, or packed (``packed=True``): sequences end to end in rows of
+``pack_width`` tokens (default ``batch_tokens``: one row; wider when a
+sequence is longer), rows x width at most ``batch_tokens`` (a sequence longer
+than that is a batch of its own).
+``state()`` captures the exact position (per cache: epoch and sequences
+taken; the mixing generator; the sequence that overflowed the last batch), so
+a resumed run sees the same batches an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .cache.reader import Batch, CachedSequence, CacheReader, collate
+from .cache.reader import Batch, CachedSequence, CacheReader, collate, pack, pack_rows
 from .errors import HPDError
 
 
@@ -52,6 +56,8 @@ class CacheStream:
         rank: int = 0,
         world_size: int = 1,
         buffer_sequences: int = 256,
+        packed: bool = False,
+        pack_width: int | None = None,
     ):
         weights = list(weights) if weights else [1.0] * len(paths)
         if len(weights) != len(paths):
@@ -63,6 +69,8 @@ class CacheStream:
         self.probs = np.asarray(weights, dtype=np.float64) / float(sum(weights))
         self.rng = np.random.default_rng([seed, 7, rank])
         self.batch_tokens = batch_tokens
+        self.packed = packed
+        self.pack_width = min(pack_width or batch_tokens, batch_tokens)
         self.carry: tuple[int, CachedSequence] | None = None
         self.k = self.sources[0].reader.k
 
@@ -77,15 +85,23 @@ class CacheStream:
             item = self.carry if self.carry is not None else self._draw()
             self.carry = None
             n = len(item[1].tokens)
-            if items and max(width, n) * (len(items) + 1) > self.batch_tokens:
+            # The budget: the batch tensor's positions, padding included: longest x
+            # count, or, packed, longest x the rows the sequences fill at that width.
+            w = max(width, n, self.pack_width) if self.packed else max(width, n)
+            rows = len(pack_rows([len(s.tokens) for _, s in items] + [n], w)) if self.packed else len(items) + 1
+            if items and w * rows > self.batch_tokens:
                 self.carry = item
                 break
             items.append(item)
-            width = max(width, n)
-            if width * len(items) >= self.batch_tokens:
+            width = w
+            # Padded: full once longest x count reaches the budget. Packed: rows may
+            # still have room; the next sequence that does not fit ends the batch.
+            if not self.packed and width * rows >= self.batch_tokens:
                 break
-        batch = collate([s for _, s in items], self.k)
-        batch.sources = np.array([i for i, _ in items])  # type: ignore[attr-defined]
+        seqs = [s for _, s in items]
+        batch = pack(seqs, self.k, width) if self.packed else collate(seqs, self.k)
+        order = batch.order if self.packed else range(len(items))  # pack() groups the sequences by row
+        batch.sources = np.array([items[i][0] for i in order])  # type: ignore[attr-defined]
         return batch
 
     def state(self) -> dict[str, Any]:
@@ -113,9 +129,9 @@ class StepStream:
     run on any world size with the same slot count.
     """
 
-    def __init__(self, paths: Sequence[str], *, slots: Sequence[int], n_slots: int, weights: Sequence[float] | None = None, batch_tokens: int, seed: int = 0):
+    def __init__(self, paths: Sequence[str], *, slots: Sequence[int], n_slots: int, weights: Sequence[float] | None = None, batch_tokens: int, seed: int = 0, packed: bool = False, pack_width: int | None = None):
         self.slots, self.n_slots = list(slots), n_slots
-        self.streams = [CacheStream(paths, weights=weights, batch_tokens=batch_tokens, seed=seed, rank=j, world_size=n_slots) for j in self.slots]
+        self.streams = [CacheStream(paths, weights=weights, batch_tokens=batch_tokens, seed=seed, rank=j, world_size=n_slots, packed=packed, pack_width=pack_width) for j in self.slots]
         for path, source in zip(paths, self.streams[0].sources):
             if source.reader.store.n_units < n_slots:
                 raise HPDError(

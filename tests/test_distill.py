@@ -113,6 +113,42 @@ def test_gradient_accumulation_equals_one_big_batch(setup):
     torch.testing.assert_close(_grads(a), _grads(b), atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("loss", ["hpd", "fkl"])
+def test_packed_batch_equals_padded_batch(setup, loss):
+    """The same sequences packed end to end (position ids, no mask) and padded
+    (attention mask): the same loss, diagnostics and gradients; packing only
+    drops the padding."""
+    from hpd_tools.cache.reader import pack
+    from hpd_tools.distill import packing_works
+
+    seqs = _batches(setup, 6)
+    cfg = config(setup, Path("unused"), loss=loss, loss_chunk_tokens=64)
+    k = CacheReader(setup["train"]).k
+    packed = pack(seqs, k)
+    padded = collate([seqs[i] for i in packed.order], k)  # the same order, so the same HPD samples
+    assert packed.input_ids.shape == (1, padded.n_tokens) and packed.n_tokens == padded.n_tokens
+    assert padded.input_ids.size > packed.input_ids.size
+    a = AutoModelForCausalLM.from_pretrained(setup["student"])
+    b = copy.deepcopy(a)
+    assert packing_works(a)
+    la, sa = micro_step(a, padded, torch.Generator().manual_seed(5), cfg, torch.device("cpu"), 1.0)
+    lb, sb = micro_step(b, packed, torch.Generator().manual_seed(5), cfg, torch.device("cpu"), 1.0)
+    assert lb == pytest.approx(la, rel=1e-5, abs=1e-5)
+    assert {n: float(v) for n, v in sb.items()} == pytest.approx({n: float(v) for n, v in sa.items()}, rel=1e-4, abs=1e-4)
+    torch.testing.assert_close(_grads(a), _grads(b), atol=1e-5, rtol=1e-4)
+
+
+def test_packed_training_runs_and_fills_batches(setup, tmp_path):
+    """--pack: every batch holds up to --batch-tokens real tokens, so a step sees
+    more response tokens than a padded one at the same budget."""
+    padded = train(config(setup, tmp_path / "padded", max_steps=3))
+    packed = train(config(setup, tmp_path / "packed", max_steps=3, pack=True))
+    assert packed["response_tokens"] > padded["response_tokens"]
+    assert np.isfinite(packed["loss"]) and packed["hpd/nll"] > 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "packed" / "final")
+    assert model is not None
+
+
 def test_chunked_loss_equals_unchunked(setup):
     seqs = _batches(setup, 4)
     batch = collate(seqs, CacheReader(setup["train"]).k)
@@ -121,9 +157,9 @@ def test_chunked_loss_equals_unchunked(setup):
     for chunk in (7, 100000):
         model.zero_grad()
         cfg = config(setup, Path("unused"), loss_chunk_tokens=chunk)
-        ids, attn, t = to_targets(batch, torch.device("cpu"))
+        inputs, t = to_targets(batch, torch.device("cpu"))
         t.noise = torch.rand(t.labels.shape[0], generator=torch.Generator().manual_seed(0))
-        hidden = model.base_model(input_ids=ids, attention_mask=attn).last_hidden_state[torch.from_numpy(batch.loss_mask)]
+        hidden = model.base_model(**inputs).last_hidden_state[torch.from_numpy(batch.loss_mask)]
         loss, stats = chunked_loss(model, hidden, t, cfg)
         loss.backward()
         results.append((loss.detach(), _grads(model).clone(), {k: float(v) for k, v in stats.items()}))

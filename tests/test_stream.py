@@ -59,3 +59,40 @@ def test_every_sequence_once_per_epoch(two_caches):
         seen.extend(stream.next_batch().indices.tolist())
     first_epoch = seen[: 60]
     assert sorted(first_epoch) == list(range(60))
+
+
+@pytest.mark.parametrize("width", [None, 250])
+def test_packed_batches_fill_the_budget_and_resume_exactly(two_caches, width):
+    padded = CacheStream(two_caches, batch_tokens=600, seed=2)
+    stream = CacheStream(two_caches, batch_tokens=600, seed=2, packed=True, pack_width=width)
+    seen, fill, padded_fill = [], [], []
+    while stream.sources[0].epoch == 0:
+        batch = stream.next_batch()
+        rows, width = batch.input_ids.shape
+        assert rows * width <= 600 or len(batch.lengths) == 1
+        at = 0
+        for r in range(rows):  # each row: its sequences end to end, positions restarting at each
+            starts = np.flatnonzero(batch.position_ids[r] == 0)
+            for start in starts:
+                end = starts[starts > start][0] if (starts > start).any() else width
+                n = end - start
+                if at < len(batch.lengths) and batch.lengths[at] == n and batch.loss_mask[r, start:end].any():
+                    assert not batch.loss_mask[r, end - 1]  # no target crosses into the next sequence
+                    at += 1
+        assert at == len(batch.lengths)
+        assert len(batch.sources) == len(batch.indices)
+        seen.extend((int(s), int(i)) for s, i in zip(batch.sources, batch.indices) if s == 0)
+        fill.append(batch.n_tokens / batch.input_ids.size)
+        b = padded.next_batch()
+        padded_fill.append(b.n_tokens / b.input_ids.size)
+    assert {i for _, i in seen} == set(range(60))  # cache 0's epoch, all of it
+    if width is None:  # one row: only the row's end is padding
+        assert np.mean(fill) > np.mean(padded_fill)
+    state = stream.state()
+    expected = [stream.next_batch() for _ in range(10)]
+    again = CacheStream(two_caches, batch_tokens=600, seed=2, packed=True, pack_width=width)
+    again.load_state(state)
+    for want in expected:
+        got = again.next_batch()
+        np.testing.assert_array_equal(got.input_ids, want.input_ids)
+        np.testing.assert_array_equal(got.sources, want.sources)

@@ -37,7 +37,9 @@ class CachedSequence:
 
 @dataclass
 class Batch:
-    """Sequences right-padded to the longest; padded positions have loss_mask False."""
+    """Sequences right-padded to the longest (padded positions have loss_mask
+    False), or packed (:func:`pack`): rows of sequences end to end, with
+    ``position_ids`` restarting at 0 at each sequence."""
 
     indices: np.ndarray  # [B] sequence indices in the cache
     lengths: np.ndarray  # [B]
@@ -46,6 +48,7 @@ class Batch:
     label_logprob: np.ndarray  # float32 [B, T]
     topk_ids: np.ndarray  # int64 [B, T, k]
     topk_logprobs: np.ndarray  # float32 [B, T, k]
+    position_ids: np.ndarray | None = None  # int64 [B, T] when packed
 
     @property
     def n_tokens(self) -> int:
@@ -245,4 +248,63 @@ def collate(seqs: list[CachedSequence], k: int) -> Batch:
         batch.label_logprob[i, :n] = s.label_logprob
         batch.topk_ids[i, :n] = s.topk_ids
         batch.topk_logprobs[i, :n] = s.topk_logprobs
+    return batch
+
+
+def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
+    """First-fit decreasing: the positions of ``lengths`` grouped into rows of at
+    most ``width`` tokens (a length above ``width`` gets a row of its own)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(width - lengths[i])
+    return rows
+
+
+def pack(seqs: list[CachedSequence], k: int, width: int | None = None) -> Batch:
+    """Sequences end to end in rows of ``width`` tokens (default: one row of all
+    of them), ``position_ids`` restarting at 0 at each sequence and at the
+    padding that fills a row's end. Position i of a sequence still trains on
+    its token i+1: a sequence's last position has loss_mask False (the cache
+    contract), so no target crosses into the next sequence.
+
+    Attention over a row costs width^2, so rows as wide as the longest
+    sequence (what the training stream uses) drop most padding without the
+    cross-sequence work of one long row, unless the attention kernel skips
+    masked blocks (flash-attention's variable-length path on GPUs)."""
+    lengths = [len(s.tokens) for s in seqs]
+    width = width or sum(lengths)
+    groups = pack_rows(lengths, width)
+    t = max(width, max(lengths))
+    b = len(groups)
+    batch = Batch(
+        indices=np.array([seqs[i].index for g in groups for i in g], dtype=np.int64),
+        lengths=np.array([lengths[i] for g in groups for i in g], dtype=np.int64),
+        input_ids=np.zeros((b, t), dtype=np.int64),
+        loss_mask=np.zeros((b, t), dtype=bool),
+        label_logprob=np.zeros((b, t), dtype=np.float32),
+        topk_ids=np.zeros((b, t, k), dtype=np.int64),
+        topk_logprobs=np.zeros((b, t, k), dtype=np.float32),
+        position_ids=np.zeros((b, t), dtype=np.int64),
+    )
+    batch.order = np.array([i for g in groups for i in g], dtype=np.int64)  # type: ignore[attr-defined]  # seqs[i] by batch position
+    for r, group in enumerate(groups):
+        at = 0
+        for i in group:
+            s, n = seqs[i], lengths[i]
+            batch.input_ids[r, at : at + n] = s.tokens
+            batch.loss_mask[r, at : at + n] = s.loss_mask
+            batch.label_logprob[r, at : at + n] = s.label_logprob
+            batch.topk_ids[r, at : at + n] = s.topk_ids
+            batch.topk_logprobs[r, at : at + n] = s.topk_logprobs
+            batch.position_ids[r, at : at + n] = np.arange(n)
+            at += n
+        batch.position_ids[r, at:] = np.arange(t - at)
     return batch
