@@ -257,3 +257,20 @@ def test_bfloat16_autocast_and_seed_determinism(setup, tmp_path):
     assert np.isfinite(a["loss"]) and a["loss"] == b["loss"]
     c = train(config(setup, tmp_path / "c", max_steps=3, seed=1))
     assert c["loss"] != a["loss"]
+
+
+def test_pack_is_refused_for_a_student_that_mixes_packed_sequences(setup, tmp_path, monkeypatch):
+    """A transformers without packed-sequence masks (older releases, or a model
+    that builds its own mask) lets packed sequences attend to each other: the
+    start-up check catches it before any training."""
+    import transformers.masking_utils as masking
+
+    from hpd_tools.distill import packing_works
+
+    model = AutoModelForCausalLM.from_pretrained(setup["student"])
+    assert packing_works(model)
+    monkeypatch.setattr(masking, "find_packed_sequence_indices", lambda position_ids: None)
+    assert not packing_works(model)
+    with pytest.raises(HPDError, match="--pack: the student .* mixes packed sequences"):
+        train(config(setup, tmp_path / "run", pack=True))
+    assert not (tmp_path / "run").exists()
