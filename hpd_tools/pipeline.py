@@ -32,7 +32,6 @@ import torch
 from .cache import CacheConfig, build_cache, verify_cache
 from .config import build
 from .distill import DistillConfig, evaluate, train
-from .errors import HPDError
 from .generate import GenerateConfig, generate_responses, start_vllm
 from .models import parse_layers, prune_layers, resolve_teacher
 
