@@ -121,6 +121,8 @@ class DistillConfig:
             raise HPDError("--sample-prompts, --sample-max-new-tokens and --onpolicy-buffer must be at least 1")
         if self.online_engine not in ("vllm", "hf"):
             raise HPDError(f"--online-engine {self.online_engine}: choose vllm or hf")
+        if self.pack_width < 0 or (self.pack_width and not self.pack):
+            raise HPDError(f"--pack-width {self.pack_width}: give a positive width, with --pack")
         if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
             raise HPDError(f"--warmup-steps {self.warmup_steps}: must be between 0 and --max-steps {self.max_steps}")
 

@@ -249,6 +249,8 @@ def test_cli_distill_and_conflicting_options(setup, tmp_path):
     assert any("eval/fkl_topk" in r for r in rows)
     bad = run_cli("distill", "--cache", setup["train"], "--student", str(setup["student"]), "--out", str(tmp_path / "x"), "--eval-every", "5")
     assert bad.returncode == 2 and "--eval-every needs --eval-cache" in bad.stderr and "Traceback" not in bad.stderr
+    with pytest.raises(HPDError, match="--pack-width 512: give a positive width, with --pack"):
+        train(config(setup, tmp_path / "y", pack_width=512))
 
 
 def test_bfloat16_autocast_and_seed_determinism(setup, tmp_path):
