@@ -450,6 +450,30 @@ def _find_resume(out: Path, config: DistillConfig, world: World) -> tuple[Path |
     return None, None
 
 
+def _round(onpolicy: Any, module: Any, model: Any, config: DistillConfig, world: World, device: torch.device) -> dict[str, Any]:
+    """One on-policy round. Under FSDP2 the student's forwards are collectives:
+    the root's parameters (embeddings, head) are gathered for the round, each
+    block's by its own hooks, and every rank decodes in lockstep."""
+    if not (config.fsdp and world.distributed):
+        return onpolicy.round(model, device)
+    if not getattr(module, "_hpd_initialised", False):
+        # FSDP2 takes the first module to run forward as its root: run the root once
+        # (a 2-token batch) before the blocks run inside generate.
+        from .cache.reader import CachedSequence, collate
+
+        k = onpolicy.k
+        probe = collate([CachedSequence(0, 0, np.zeros(2, np.int64), np.array([True, False]), np.zeros(2, np.float32), np.zeros((2, k), np.int64), np.zeros((2, k), np.float32))], k)
+        inputs, t = to_targets(probe, device)
+        with torch.no_grad():
+            module(inputs, torch.from_numpy(probe.loss_mask).to(device), t, evaluate=True)
+        module._hpd_initialised = True
+    module.unshard()
+    try:
+        return onpolicy.round(model, device, lockstep=world)
+    finally:
+        module.reshard()
+
+
 def train(config: DistillConfig) -> dict[str, Any]:
     """Run (or resume) a distillation; returns the last logged metrics.
 
@@ -466,8 +490,6 @@ def train(config: DistillConfig) -> dict[str, Any]:
 
 def _train(config: DistillConfig, world: World) -> dict[str, Any]:
     out = Path(config.out)
-    if config.fsdp and world.distributed and config.sample_every:
-        raise HPDError("--fsdp with --sample-every: on-policy rounds sample from the whole student; use DDP (drop --fsdp) for on-policy runs")
     # Rank 0 decides whether and where to resume; every rank learns the outcome.
     ckpt, problem = _find_resume(out, config, world) if world.main else (None, None)
     ckpt, problem = world.broadcast((ckpt, problem))
@@ -560,7 +582,7 @@ def _train(config: DistillConfig, world: World) -> dict[str, Any]:
     try:
         for step in range(start_step, config.max_steps):
             if onpolicy is not None and step % config.sample_every == 0:
-                latest_round = onpolicy.round(model, device)
+                latest_round = _round(onpolicy, module, model, config, world, device)
                 if world.distributed:
                     keys = sorted(k for k, v in latest_round.items() if isinstance(v, (int, float)))
                     latest_round = dict(zip(keys, (v / world.world_size for v in world.sum([float(latest_round[k]) for k in keys]))))

@@ -147,8 +147,13 @@ class OnPolicy:
         return out
 
     @torch.no_grad()
-    def _sample(self, model: Any, prompts: list[np.ndarray], device: torch.device) -> list[tuple[np.ndarray, bool]]:
-        """Continuations from the student, left-padded batch, up to EOS or the limit."""
+    def _sample(self, model: Any, prompts: list[np.ndarray], device: torch.device, world: Any = None) -> list[tuple[np.ndarray, bool]]:
+        """Continuations from the student, left-padded batch, up to EOS or the limit.
+
+        With ``world`` (FSDP2: every forward is a collective), every rank runs the
+        same number of decoding steps: the smallest limit of any rank, without
+        stopping at EOS; each continuation is then cut at its first EOS, which
+        leaves the distribution of what is kept unchanged."""
         c = self.config
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         eos = self.tokenizer.eos_token_id
@@ -161,9 +166,13 @@ class OnPolicy:
         was_training = model.training
         model.eval()
         limit = min(c.sample_max_new_tokens, self.max_length - width)
+        stop_at = eos
+        if world is not None:
+            limit = int(min(world.gather(limit)))
+            stop_at = int(model.config.vocab_size)  # an id past the vocabulary, never sampled: no early stop
         out = model.generate(
             input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=True, temperature=c.sample_temperature,
-            top_k=0, top_p=1.0, max_new_tokens=max(limit, 1), eos_token_id=eos, pad_token_id=pad,
+            top_k=0, top_p=1.0, max_new_tokens=max(limit, 1), eos_token_id=stop_at, pad_token_id=pad,
         )
         model.train(was_training)
         completions = []
@@ -176,24 +185,32 @@ class OnPolicy:
         return completions
 
     @torch.no_grad()
-    def _student_logprobs(self, model: Any, rollouts: list[Rollout], device: torch.device) -> list[np.ndarray]:
-        """log pi_s (temperature 1) of each rollout's sampled tokens."""
-        batch = collate([r.as_sequence() for r in rollouts], self.k)
-        ids = torch.from_numpy(batch.input_ids).to(device)
+    def _student_logprobs(self, model: Any, prompts: list[np.ndarray], completions: list[np.ndarray], device: torch.device) -> list[np.ndarray]:
+        """log pi_s (temperature 1) of each completion's tokens."""
+        seqs = [np.concatenate([p, c]).astype(np.int64) for p, c in zip(prompts, completions)]
+        width = max(len(x) for x in seqs)
+        ids = torch.zeros((len(seqs), width), dtype=torch.long)
         attn = torch.zeros_like(ids)
-        for i, n in enumerate(batch.lengths):
-            attn[i, :n] = 1
+        for i, x in enumerate(seqs):
+            ids[i, : len(x)] = torch.from_numpy(x)
+            attn[i, : len(x)] = 1
+        ids, attn = ids.to(device), attn.to(device)
         logits = model(input_ids=ids, attention_mask=attn).logits.float()
         lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0].cpu().numpy()
-        return [lp[i][: len(r.tokens) - 1][r.loss_mask[:-1]] for i, r in enumerate(rollouts)]
+        return [lp[i][len(p) - 1 : len(p) - 1 + len(c)] for i, (p, c) in enumerate(zip(prompts, completions))]
 
-    def round(self, model: Any, device: torch.device) -> dict[str, Any]:
-        """Sample, score, add to the buffer. Returns the round's metrics."""
+    def round(self, model: Any, device: torch.device, lockstep: Any = None) -> dict[str, Any]:
+        """Sample, score, add to the buffer. Returns the round's metrics.
+
+        ``lockstep``: the World, when every student forward is a collective
+        (FSDP2); all ranks then make the same forwards, whatever their teacher
+        answers."""
         c = self.config
         prompts = self._next_prompts(c.sample_prompts)
         t0 = time.time()
-        completions = self._sample(model, prompts, device)
+        completions = self._sample(model, prompts, device, lockstep)
         sample_s = time.time() - t0
+        ls = self._student_logprobs(model, prompts, [comp for comp, _ in completions], device)
         sequences = [np.concatenate([p, comp]) for p, (comp, _) in zip(prompts, completions)]
         t0 = time.time()
         try:
@@ -208,7 +225,6 @@ class OnPolicy:
             return {"onpolicy/teacher_unavailable": 1, "onpolicy/unavailable_rounds": self.unavailable, "onpolicy/buffer": len(self.buffer)}
         score_s = time.time() - t0
         rollouts = [rollout_from(p, comp, sc, trunc) for p, (comp, trunc), sc in zip(prompts, completions, scores)]
-        ls = self._student_logprobs(model, rollouts, device)
         lt = [r.label_logprob[:-1][r.loss_mask[:-1]] for r in rollouts]
         n_sampled = sum(len(x) for x in lt)
         self.buffer.extend(rollouts)

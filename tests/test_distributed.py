@@ -133,12 +133,14 @@ def test_more_slots_than_units_is_a_clear_error(setup, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_onpolicy_rounds_under_ddp_resume_exactly(setup, trained_teacher, tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_onpolicy_rounds_resume_exactly(setup, trained_teacher, tmp_path, mode):
     """Each rank samples its own prompts and scores them with its online teacher;
     the rollouts' tokens count in the global normalisation, and every rank's
-    rollout buffer and prompt position are in the checkpoint."""
+    rollout buffer and prompt position are in the checkpoint. Under FSDP2 the
+    ranks decode in lockstep (every forward is a collective)."""
     onpolicy = ["--online-teacher", str(trained_teacher), "--online-engine", "hf", "--sample-every", "2", "--sample-prompts", "2",
-                "--sample-max-new-tokens", "6", "--onpolicy-weight", "0.5"]
+                "--sample-max-new-tokens", "6", "--onpolicy-weight", "0.5", *(["--fsdp"] if mode == "fsdp" else [])]
     ref = tmp_path / "ref"
     result = torchrun(*distill_args(setup, ref, *onpolicy))
     assert result.returncode == 0, result.stderr[-3000:]
