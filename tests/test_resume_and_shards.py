@@ -143,3 +143,18 @@ def test_workers_launcher_fills_one_cache(teacher, tmp_path):
     assert bad.returncode == 2
     last = bad.stderr.strip().splitlines()[-1]
     assert last.startswith("error: --workers: writer ") and "missing.jsonl" in last
+
+
+def test_claim_that_never_got_its_owner_is_taken_over(teacher, tmp_path):
+    """An empty claim (an older writer killed between creating it and writing
+    its owner) does not block the unit forever: once it is 10 s old it is stale."""
+    data = write_jsonl(tmp_path / "d.jsonl", train_records(40))
+    out = tmp_path / "c"
+    first = build_cache(config(teacher, data, out=str(out), shard=(1, 2)))
+    assert not first.complete
+    claim = out / "progress" / "unit-00000000.claim"
+    claim.write_text("")
+    os.utime(claim, (time.time() - 60, time.time() - 60))
+    second = build_cache(config(teacher, data, out=str(out), shard=(0, 2)))
+    assert second.complete and first.units_computed + second.units_computed == second.units_total
+    assert not claim.exists() and verify_cache(out).complete

@@ -249,23 +249,38 @@ class CacheStore:
         if self.location.local is None:
             return self._claim_lease(unit)
         path = self.location.local / unit_claim(unit)
-        me = f"{socket.gethostname()} {os.getpid()}"
-        for _ in range(2):
-            try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
+        # The claim appears whole or not at all: written under a private name, then
+        # hard-linked into place (link fails if the claim exists), so a writer
+        # killed at any point never leaves an empty claim behind.
+        mine = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
+        mine.write_text(f"{socket.gethostname()} {os.getpid()}")
+        try:
+            for _ in range(2):
                 try:
-                    host, pid = path.read_text().split()
-                except (OSError, ValueError):
-                    return False  # being written by its owner right now
-                if host != socket.gethostname() or _alive(int(pid)):
-                    return False
-                path.unlink(missing_ok=True)
-                continue
-            with os.fdopen(fd, "w") as f:
-                f.write(me)
+                    os.link(mine, path)
+                    return True
+                except FileExistsError:
+                    if not self._stale_local_claim(path):
+                        return False
+                    path.unlink(missing_ok=True)
+            return False
+        finally:
+            mine.unlink(missing_ok=True)
+
+    @staticmethod
+    def _stale_local_claim(path: Path) -> bool:
+        """A claim whose process on this host is gone; or one that does not parse
+        (left by an older version killed while writing it) and is over 10 s old."""
+        try:
+            host, pid = path.read_text().split()
+            return host == socket.gethostname() and not _alive(int(pid))
+        except FileNotFoundError:
             return True
-        return False
+        except (OSError, ValueError):
+            try:
+                return time.time() - path.stat().st_mtime > 10
+            except FileNotFoundError:
+                return True
 
     def release(self, unit: int) -> None:
         if self.location.local is None:
