@@ -38,7 +38,7 @@ from .cache.layout import CacheStore
 from .cache.reader import Batch, CacheReader
 from .errors import HPDError
 from .hashing import tokenizer_hash
-from .losses import LOSSES, Targets, compute_loss
+from .losses import LOSSES, Targets, compute_loss, restrict_to_width
 from .progress import Progress
 from .parallel import World, full_state, init_world, load_optimizer, wrap
 from .stream import Prefetcher, StepStream
@@ -272,14 +272,17 @@ class StudentLoss(torch.nn.Module):
         if not evaluate:
             return chunked_loss(self.model, hidden, targets, self.config)
         head, c = self.model.get_output_embeddings(), self.config.loss_chunk_tokens
-        sums = torch.zeros(4, dtype=torch.float64, device=hidden.device)
+        sums = torch.zeros(5, dtype=torch.float64, device=hidden.device)
         for a in range(0, hidden.shape[0], c):
             b = min(a + c, hidden.shape[0])
             ls = torch.log_softmax(head(hidden[a:b]).float(), dim=-1)
-            lt = targets.topk_logprobs[a:b]
-            sums[0] += (lt.exp() * (lt - ls.gather(-1, targets.topk_ids[a:b]))).sum().double()
+            # Teacher ids past the student's width drop out of the top-k (hpd_tools.losses, "Widths").
+            ids, lt, dropped = restrict_to_width(targets.topk_ids[a:b], targets.topk_logprobs[a:b], ls.shape[-1])
+            p = lt.exp()
+            sums[0] += (p * torch.where(p > 0, lt - ls.gather(-1, ids), 0.0)).sum().double()
             sums[1] -= ls.gather(-1, targets.labels[a:b, None]).sum().double()
             sums[2] -= targets.label_logprob[a:b].sum().double()
+            sums[4] += dropped.sum().double()
         sums[3] = hidden.shape[0]
         return sums
 
@@ -341,7 +344,9 @@ def save_checkpoint(out: Path, step: int, model: Any, tokenizer: Any, optimizer:
 @torch.no_grad()
 def evaluate(model: Any, path: str, config: DistillConfig, device: torch.device, world: World | None = None) -> dict[str, float]:
     """Per response token: forward KL to the teacher on its top-k support, the
-    teacher's NLL of the data tokens (a fixed reference) and the student's.
+    teacher's NLL of the data tokens (a fixed reference) and the student's, and
+    the teacher mass on top-k ids past the student's logits width, which the KL
+    leaves out (``eval/dropped_teacher_mass``; see hpd_tools.losses, "Widths").
 
     Under torchrun, batch i is evaluated by rank i mod world_size and the sums
     are added up; every rank runs the same number of forwards (FSDP2 needs them
@@ -353,7 +358,7 @@ def evaluate(model: Any, path: str, config: DistillConfig, device: torch.device,
     if config.eval_batches:
         n = min(n, config.eval_batches)
     rounds = -(-n // world.world_size)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
     was_training = step_module.training
     step_module.eval()
     done, last = 0, None
@@ -370,9 +375,9 @@ def evaluate(model: Any, path: str, config: DistillConfig, device: torch.device,
         step_module(inputs, torch.from_numpy(last.loss_mask).to(device), t, evaluate=True)
         done += 1
     step_module.train(was_training)
-    fkl, student_nll, teacher_nll, count = world.sum(sums.tolist())
+    fkl, student_nll, teacher_nll, count, dropped = world.sum(sums.tolist())
     c = max(count, 1)
-    return {"eval/fkl_topk": fkl / c, "eval/student_nll": student_nll / c, "eval/teacher_nll": teacher_nll / c, "eval/tokens": int(count)}
+    return {"eval/fkl_topk": fkl / c, "eval/student_nll": student_nll / c, "eval/teacher_nll": teacher_nll / c, "eval/dropped_teacher_mass": dropped / c, "eval/tokens": int(count)}
 
 
 # -- the loop --------------------------------------------------------------------------

@@ -18,21 +18,35 @@ teacher rows hold (padding, NaN).
 
 The teacher is known only on its top-k. Conventions for the rest:
 
+- Widths: the teacher's top-k ids index the teacher's vocabulary, which may be
+  wider than the student's logits (one tokenizer, embeddings padded to different
+  sizes: Qwen2.5-7B has 152,064 rows, Qwen2.5-1.5B 151,936). Ids >= V, the
+  logits' width, leave the top-k (:func:`restrict_to_width`): they count as
+  absent entries (no weight, never indexed into the logits, never matched by
+  ``y'``) and their teacher mass joins the tail bucket. Every loss that reads
+  the top-k reports that mass as the stat ``dropped_mass``.
+
 - Buckets: the k top-k tokens plus one tail bucket holding everything else.
   The teacher's tail mass is ``1 - sum_topk p_T`` (clamped at 0; quantised
   log-probs can sum past 1), the student's is its mass outside the teacher's
-  top-k ids. When k >= V there is no tail bucket. jsd and akl always use
-  buckets; fkl can also renormalise or ignore (see :func:`fkl`).
+  (kept) top-k ids. When k >= V there is no tail bucket (dropped mass, if any,
+  is then left out). jsd and akl always use buckets; fkl can also renormalise
+  or ignore (see :func:`fkl`).
 - Where a divergence needs the log of the teacher's tail mass with the student
   as the weighting side (reverse KL on buckets, jsd at beta=1, the uniform
   estimate), the mass is floored at ``TAIL_MASS_FLOOR`` so the value stays finite.
 - ``lt(y')`` for a sampled token: ``label_logprob`` when ``y' == y`` (always
   exact), else the top-k entry when ``y'`` is in the top-k, else an estimate,
   option ``tail_estimate``:
-  "kth"     -- the k-th (smallest) top-k log-prob, an upper bound on any tail token;
-  "uniform" -- ``log(tail_mass / (V - k))``, the uniform share of the missing mass,
-               capped at the k-th log-prob (no tail token can exceed it).
-  V is the logits' width.
+  "kth"     -- the k-th (smallest) of the k stored log-probs, an upper bound on any
+               token outside the teacher's top-k;
+  "uniform" -- ``log(tail_mass / (V - k_kept))``, the mass outside the teacher's
+               top-k shared evenly by the student's tokens outside the kept
+               top-k, capped at the k-th log-prob (no tail token can exceed it).
+  V is the logits' width, k_kept the row's count of ids < V. Both use all k
+  stored entries, dropped ones included: a token the student can sample outside
+  the kept top-k lies outside the teacher's top-k, and dropped mass sits on
+  tokens it cannot sample.
 """
 
 from __future__ import annotations
@@ -108,8 +122,47 @@ class _Student:
         return torch.logsumexp(rest, dim=-1) - self.lse
 
 
+def restrict_to_width(topk_ids: Tensor, topk_logprobs: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The teacher's top-k as seen by logits ``width`` wide: ids >= width drop out.
+
+    A dropped entry's id becomes a placeholder that is safe to gather with (the
+    row's first kept id, 0 when none is kept) and its log-prob -inf, so its mass
+    falls into ``1 - sum exp(log-probs)``. Returns (ids long [T, k], log-probs
+    float32 [T, k], dropped teacher mass float32 [T]). [T, k] elementwise work
+    only: no host sync, nothing [T, V].
+    """
+    ids, lt, _, dropped = _restrict(topk_ids, topk_logprobs, width)
+    return ids, lt, dropped
+
+
+def _restrict(topk_ids: Tensor, topk_logprobs: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    ids = topk_ids.long()
+    lt = topk_logprobs.float()
+    keep = ids < width
+    first = keep.int().argmax(-1, keepdim=True)  # the first kept rank (0 when none is)
+    placeholder = torch.where(keep.any(-1, keepdim=True), ids.gather(-1, first), 0)
+    dropped = torch.where(keep, 0.0, lt.exp()).sum(-1)
+    return torch.where(keep, ids, placeholder), torch.where(keep, lt, float("-inf")), keep, dropped
+
+
+@dataclass
+class _Topk:
+    """The teacher's top-k restricted to the logits' width (module docstring, "Widths")."""
+
+    ids: Tensor  # long [T, k]: kept ids; dropped entries hold a placeholder id
+    lt: Tensor  # float32 [T, k]: log-probs, -inf where dropped
+    keep: Tensor  # bool [T, k]
+    dropped: Tensor  # float32 [T]: teacher mass on dropped ids
+    stored: Tensor  # float32 [T, k]: the k stored log-probs, dropped ones included
+
+
+def _topk(t: Targets, width: int) -> _Topk:
+    ids, lt, keep, dropped = _restrict(t.topk_ids, t.topk_logprobs, width)
+    return _Topk(ids, lt, keep, dropped, t.topk_logprobs.float())
+
+
 def _active(logits: Tensor, t: Targets) -> tuple[_Student, Targets]:
-    if bool(t.mask.all()):  # no copy for the common fully active chunk
+    if bool(t.mask.all()):  # no copy for the common fully active chunk (one host sync per chunk)
         return _Student(logits), t
     index = t.mask.nonzero().squeeze(-1)
     return _Student(logits[index]), t.rows(index)
@@ -128,6 +181,7 @@ class _Buckets:
     lp_floor: Tensor  # [T, B] same, tail mass floored at TAIL_MASS_FLOOR
     teacher_tail: Tensor  # [T]
     student_tail: Tensor  # [T]
+    present: Tensor  # bool [T, B]: False for dropped top-k entries (-inf on both sides)
 
 
 def _tail_mass(lt_topk: Tensor) -> Tensor:
@@ -135,37 +189,37 @@ def _tail_mass(lt_topk: Tensor) -> Tensor:
     return (1.0 - lt_topk.double().exp().sum(-1)).clamp(min=0.0).to(lt_topk.dtype)
 
 
-def _buckets(s: _Student, t: Targets) -> _Buckets:
-    ids = t.topk_ids.long()
-    lt = t.topk_logprobs.float()
-    lq = s.at(ids)
-    if ids.shape[-1] >= s.vocab:
+def _buckets(s: _Student, top: _Topk) -> _Buckets:
+    lt = top.lt
+    lq = torch.where(top.keep, s.at(top.ids), float("-inf"))
+    if lt.shape[-1] >= s.vocab:
         zero = lt.new_zeros(lt.shape[0])
-        return _Buckets(lq, lt, lt, zero, zero)
-    tail = _tail_mass(lt)
-    lq_rest = s.outside(ids)
+        return _Buckets(lq, lt, lt, zero, zero, top.keep)
+    tail = _tail_mass(lt)  # dropped mass included: its log-prob is -inf
+    # Placeholders repeat a kept id of their row, so the scatter in outside() is
+    # still exact; a row with nothing kept has all the student's mass outside.
+    lq_rest = torch.where(top.keep.any(-1), s.outside(top.ids), 0.0)
     return _Buckets(
         lq=torch.cat([lq, lq_rest.unsqueeze(-1)], dim=-1),
         lp=torch.cat([lt, tail.log().unsqueeze(-1)], dim=-1),
         lp_floor=torch.cat([lt, tail.clamp(min=TAIL_MASS_FLOOR).log().unsqueeze(-1)], dim=-1),
         teacher_tail=tail,
         student_tail=lq_rest.detach().exp(),
+        present=torch.cat([top.keep, top.keep.new_ones(lt.shape[0], 1)], dim=-1),
     )
 
 
-def _teacher_logprob_at(ids: Tensor, t: Targets, vocab: int, tail_estimate: str) -> tuple[Tensor, Tensor]:
-    """(lt(ids) [T] per the module's convention, in_topk bool [T])."""
-    topk_ids = t.topk_ids.long()
-    lt_topk = t.topk_logprobs.float()
-    match = topk_ids == ids.unsqueeze(-1)
+def _teacher_logprob_at(ids: Tensor, t: Targets, top: _Topk, vocab: int, tail_estimate: str) -> tuple[Tensor, Tensor]:
+    """(lt(ids) [T] per the module's convention, in_topk bool [T]: ids in the kept top-k)."""
+    match = (top.ids == ids.unsqueeze(-1)) & top.keep
     in_topk = match.any(-1)
-    exact = lt_topk.gather(-1, match.int().argmax(-1, keepdim=True)).squeeze(-1)
-    kth = lt_topk.min(-1).values
+    exact = top.lt.gather(-1, match.int().argmax(-1, keepdim=True)).squeeze(-1)
+    kth = top.stored.min(-1).values
     if tail_estimate == "kth":
         estimate = kth
     else:
-        missing = max(vocab - topk_ids.shape[-1], 1)
-        estimate = (_tail_mass(lt_topk).clamp(min=TAIL_MASS_FLOOR).log() - math.log(missing)).clamp(max=kth)
+        missing = (vocab - top.keep.sum(-1)).clamp(min=1).float()
+        estimate = (_tail_mass(top.stored).clamp(min=TAIL_MASS_FLOOR).log() - missing.log()).clamp(max=kth)
     lt = torch.where(in_topk, exact, estimate)
     return torch.where(ids == t.labels.long(), t.label_logprob.float(), lt), in_topk
 
@@ -213,20 +267,26 @@ def fkl(logits: Tensor, t: Targets, *, tail: str = "bucket") -> LossOutput:
                   the missing mass gets no weight).
 
     loss_t is that value (its gradient is that of -sum_v w(v) ls(v)).
-    Shapes: logits [T, V], topk [T, k]. stats: fkl, teacher_tail_mass, student_tail_mass.
+    S holds the kept ids only (module docstring, "Widths"): with "bucket" the dropped
+    mass is part of p_rest, "renormalize" renormalises on the kept ids.
+    Shapes: logits [T, V], topk [T, k]. stats: fkl, teacher_tail_mass (dropped mass
+    included), student_tail_mass, dropped_mass.
     """
     _check("tail", tail, FKL_TAILS)
     s, a = _active(logits, t)
-    b = _buckets(s, a)
+    top = _topk(a, s.vocab)
+    b = _buckets(s, top)
     k = a.topk_ids.shape[-1]
     if tail == "bucket":
         loss = _kl(b.lp, b.lq)
     elif tail == "renormalize":
         lt = b.lp[:, :k]
-        loss = _kl(lt - torch.logsumexp(lt, dim=-1, keepdim=True), b.lq[:, :k])
+        # A row with nothing kept has no teacher signal: -inf - finite, weight 0.
+        norm = torch.logsumexp(lt, dim=-1, keepdim=True).clamp(min=torch.finfo(lt.dtype).min)
+        loss = _kl(lt - norm, b.lq[:, :k])
     else:
         loss = _kl(b.lp[:, :k], b.lq[:, :k])
-    stats = {"fkl": _sum(loss), "teacher_tail_mass": _sum(b.teacher_tail), "student_tail_mass": _sum(b.student_tail)}
+    stats = {"fkl": _sum(loss), "teacher_tail_mass": _sum(b.teacher_tail), "student_tail_mass": _sum(b.student_tail), "dropped_mass": _sum(top.dropped)}
     return LossOutput(loss.sum(), a.labels.shape[0], stats)
 
 
@@ -237,16 +297,17 @@ def rkl(logits: Tensor, t: Targets, *, tail_estimate: str = "kth") -> LossOutput
     loss_t = -w * ls(y'). In expectation over y' its gradient is the gradient of
     KL(pi_s || p_T) (with lt(y') as estimated, see the module docstring).
     Shapes: logits [T, V]. stats: rkl_estimate (sum of ls(y') - lt(y'), the
-    one-sample estimate of the reverse KL), frac_yprime_outside_topk.
+    one-sample estimate of the reverse KL), frac_yprime_outside_topk, dropped_mass.
     """
     _check("tail_estimate", tail_estimate, TAIL_ESTIMATES)
     s, a = _active(logits, t)
+    top = _topk(a, s.vocab)
     y2 = sample_from_logits(s.z, a.noise)
     ls = s.at(y2)
-    lt, in_topk = _teacher_logprob_at(y2, a, s.vocab, tail_estimate)
+    lt, in_topk = _teacher_logprob_at(y2, a, top, s.vocab, tail_estimate)
     w = lt - ls.detach()
     loss = -w * ls
-    stats = {"rkl_estimate": _sum(-w), "frac_yprime_outside_topk": _sum(~in_topk)}
+    stats = {"rkl_estimate": _sum(-w), "frac_yprime_outside_topk": _sum(~in_topk), "dropped_mass": _sum(top.dropped)}
     return LossOutput(loss.sum(), a.labels.shape[0], stats)
 
 
@@ -261,19 +322,23 @@ def jsd(logits: Tensor, t: Targets, *, beta: float = 0.5) -> LossOutput:
 
     As in TRL the endpoints are defined as the two KLs; the interior tends to 0 at
     both ends, so it is not continuous with them. loss_t is the divergence itself.
-    Shapes: logits [T, V], topk [T, k]. stats: jsd.
+    Shapes: logits [T, V], topk [T, k]. stats: jsd, dropped_mass.
     """
     _check_unit("beta", beta)
     s, a = _active(logits, t)
-    b = _buckets(s, a)
+    top = _topk(a, s.vocab)
+    b = _buckets(s, top)
     if beta == 0.0:
         loss = _kl(b.lp, b.lq)
     elif beta == 1.0:
         loss = _kl(b.lq, b.lp_floor)
     else:
-        lm = torch.logsumexp(torch.stack([b.lp + math.log(beta), b.lq + math.log1p(-beta)]), dim=0)
+        # Dropped entries are -inf on both sides; logsumexp's backward of all -inf is
+        # NaN, so they enter as 0 (their weight is 0 either way).
+        lp, lq = torch.where(b.present, b.lp, 0.0), torch.where(b.present, b.lq, 0.0)
+        lm = torch.logsumexp(torch.stack([lp + math.log(beta), lq + math.log1p(-beta)]), dim=0)
         loss = beta * _kl(b.lp, lm) + (1.0 - beta) * _kl(b.lq, lm)
-    return LossOutput(loss.sum(), a.labels.shape[0], {"jsd": _sum(loss)})
+    return LossOutput(loss.sum(), a.labels.shape[0], {"jsd": _sum(loss), "dropped_mass": _sum(top.dropped)})
 
 
 def akl(logits: Tensor, t: Targets, *, mu: float = 0.5) -> LossOutput:
@@ -288,12 +353,14 @@ def akl(logits: Tensor, t: Targets, *, mu: float = 0.5) -> LossOutput:
 
     mixing weights detached (0.5 each when both gaps are 0); KL(q||p) floors p's
     tail mass. loss_t is that value. Shapes: logits [T, V], topk [T, k].
-    stats: akl, fkl, rkl, head_weight (the sum of g_head/(g_head+g_tail)).
+    Dropped entries (module docstring, "Widths") have p = q = 0 and no gap.
+    stats: akl, fkl, rkl, head_weight (the sum of g_head/(g_head+g_tail)), dropped_mass.
     """
     if not 0.0 < mu <= 1.0:
         raise HPDError(f"loss option mu={mu!r} must be in (0, 1]")
     s, a = _active(logits, t)
-    b = _buckets(s, a)
+    top = _topk(a, s.vocab)
+    b = _buckets(s, top)
     k = a.topk_ids.shape[-1]
     p_topk = b.lp[:, :k].exp()
     sorted_p, order = p_topk.sort(dim=-1, descending=True)
@@ -307,7 +374,7 @@ def akl(logits: Tensor, t: Targets, *, mu: float = 0.5) -> LossOutput:
     forward = _kl(b.lp, b.lq)
     reverse = _kl(b.lq, b.lp_floor)
     loss = w_head * forward + (1.0 - w_head) * reverse
-    stats = {"akl": _sum(loss), "fkl": _sum(forward), "rkl": _sum(reverse), "head_weight": _sum(w_head)}
+    stats = {"akl": _sum(loss), "fkl": _sum(forward), "rkl": _sum(reverse), "head_weight": _sum(w_head), "dropped_mass": _sum(top.dropped)}
     return LossOutput(loss.sum(), a.labels.shape[0], stats)
 
 
@@ -324,16 +391,17 @@ def hpd(logits: Tensor, t: Targets, *, tail_estimate: str = "kth") -> LossOutput
     ``noise``; lt(y') per the module docstring (option ``tail_estimate``).
     Shapes: logits [T, V]. stats (sums; the masks count even where y' == y):
     frac_mf, frac_mr, frac_both, frac_yprime_ne_y, g, r, frac_yprime_outside_topk,
-    and nll (the student's -ls(y): the surrogate loss itself sits near zero, this
-    is the curve that shows training progress).
+    dropped_mass, and nll (the student's -ls(y): the surrogate loss itself sits
+    near zero, this is the curve that shows training progress).
     """
     _check("tail_estimate", tail_estimate, TAIL_ESTIMATES)
     s, a = _active(logits, t)
+    top = _topk(a, s.vocab)
     y = a.labels.long()
     y2 = sample_from_logits(s.z, a.noise)
     ls_y, ls_y2 = s.at(y), s.at(y2)
     lt_y = a.label_logprob.float()
-    lt_y2, in_topk = _teacher_logprob_at(y2, a, s.vocab, tail_estimate)
+    lt_y2, in_topk = _teacher_logprob_at(y2, a, top, s.vocab, tail_estimate)
     with torch.no_grad():
         g = (lt_y - ls_y) * ls_y.exp()
         r = (lt_y2 - ls_y2) * ls_y2.exp()
@@ -352,6 +420,7 @@ def hpd(logits: Tensor, t: Targets, *, tail_estimate: str = "kth") -> LossOutput
         "g": _sum(g),
         "r": _sum(r),
         "frac_yprime_outside_topk": _sum(~in_topk),
+        "dropped_mass": _sum(top.dropped),
         "nll": _sum(-ls_y.detach()),
     }
     return LossOutput(loss.sum(), a.labels.shape[0], stats)
