@@ -250,23 +250,65 @@ def test_verify_passes_a_good_cache(built):
 def test_verify_catches_a_garbage_chunk(built):
     chunk = Path(built.location, "topk_ids", "c", "1", "0")
     chunk.write_bytes(b"\x00garbage" * 50)
-    with pytest.raises(CacheCorruptError, match="topk_ids.*chunk 1"):
+    with pytest.raises(CacheCorruptError, match="topk_ids.*unit 1.*checksum mismatch"):
         verify_cache(built.location)
 
 
 def test_verify_catches_a_truncated_chunk(built):
     chunk = Path(built.location, "topk_logprobs", "c", "2", "0")
     chunk.write_bytes(chunk.read_bytes()[:20])
-    with pytest.raises(CacheCorruptError, match="topk_logprobs.*chunk 2"):
+    with pytest.raises(CacheCorruptError, match="topk_logprobs.*unit 2.*checksum mismatch"):
         verify_cache(built.location)
 
 
-def _rewrite(location: str, name: str, edit) -> None:
-    """Rewrite an array through zarr, so the chunk decodes but its values are wrong."""
+def _rewrite(location: str, name: str, edit, reseal: bool = True) -> None:
+    """Rewrite an array through zarr, so the chunk decodes but its values are wrong.
+    ``reseal``: also record the new chunks' checksums, as a writer with a bug would,
+    so that the value checks (the only ones a format 1 cache has) are what fails."""
     array = zarr.open_group(location, mode="r+")[name]
     values = array[:]
     edit(values)
     array[:] = values
+    if reseal:
+        reseal_checksums(location)
+
+
+def reseal_checksums(location: str | Path) -> None:
+    """Recompute every chunk's CRC-32C from the files and rewrite the tables, markers
+    and attributes that record them (a cache whose values, not bytes, are wrong)."""
+    from hpd_tools.cache import integrity
+    from hpd_tools.cache.layout import ATTR, STATIC_ARRAYS, TEACHER_ARRAYS, unit_marker
+
+    root = Path(location)
+    meta = json.loads((root / "zarr.json").read_text())
+    attrs = meta["attributes"][ATTR]
+
+    def sums(name: str) -> np.ndarray:
+        table = integrity.decode_table((root / (integrity.STATIC_FILE if name in STATIC_ARRAYS else integrity.UNITS_FILE)).read_bytes(), "")[name]
+        for i in range(len(table)):
+            f = root / name / "c" / str(i)
+            f = f / "0" if f.is_dir() else f
+            table[i] = integrity.crc(f.read_bytes()) if f.exists() else integrity.FILL
+        return table
+
+    static = integrity.encode_table({name: sums(name) for name in STATIC_ARRAYS})
+    units = {name: sums(name) for name in TEACHER_ARRAYS}
+    (root / integrity.STATIC_FILE).write_bytes(static)
+    (root / integrity.UNITS_FILE).write_bytes(integrity.encode_table(units))
+    for u in range(attrs["n_units"]):
+        marker = json.loads((root / unit_marker(u)).read_text())
+        marker["checksums"] = {name: int(units[name][u]) for name in TEACHER_ARRAYS}
+        (root / unit_marker(u)).write_text(json.dumps(marker))
+    attrs["checksums"].update(static=integrity.digest(static), units=integrity.digest((root / integrity.UNITS_FILE).read_bytes()))
+    (root / "zarr.json").write_text(json.dumps(meta))
+
+
+def test_checksums_catch_a_chunk_rewritten_with_valid_encoding(built):
+    _rewrite(built.location, "label_logprob", lambda v: v.__setitem__(np.flatnonzero(v)[0], np.float16(-1.0)), reseal=False)
+    with pytest.raises(CacheCorruptError, match="label_logprob.*unit 0.*checksum mismatch"):
+        verify_cache(built.location)
+    with pytest.raises(CacheCorruptError, match="label_logprob.*unit 0.*checksum mismatch"):
+        list(CacheReader(built.location, shuffle=False).sequences())
 
 
 def test_verify_catches_unsorted_logprobs(built):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..errors import HPDError
 from .layout import CacheStore, as_location, cache_home, caches_under
 
 
@@ -39,7 +40,12 @@ def list_caches(root: str | Path | None = None) -> list[dict[str, Any]]:
     """The caches directly under ``root`` (a folder or URL; default: the cache root)."""
     rows = []
     for location in caches_under(as_location(root) if root else cache_home()):
-        store = CacheStore(location)
+        try:
+            store = CacheStore(location)
+        except HPDError as exc:  # a damaged cache is listed as such; the others as usual
+            rows.append({"key": location.url.rstrip("/").rsplit("/", 1)[-1], "teacher": "?", "data": str(exc), "k": 0, "tokens": 0,
+                         "bytes": location.size(""), "complete": False, "damaged": True, "location": str(location)})
+            continue
         a = store.attrs
         rows.append(
             {
@@ -50,6 +56,7 @@ def list_caches(root: str | Path | None = None) -> list[dict[str, Any]]:
                 "tokens": a["counts"]["tokens"],
                 "bytes": sum(store.bytes_on_disk().values()),
                 "complete": store.complete,
+                "damaged": False,
                 "location": str(location),
             }
         )

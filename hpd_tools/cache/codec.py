@@ -35,6 +35,7 @@ from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.codecs.numcodecs import LZMA
 
 CODEC_VERSION = "compand8-ef-v1"
+KNOWN_CODECS = (CODEC_VERSION,)  # codecs this version decodes
 B = 0.5
 MAX_DELTA = 24.0
 MAX_CODE = 255

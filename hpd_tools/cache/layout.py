@@ -81,16 +81,21 @@ from typing import Any, Iterable
 import numpy as np
 import zarr
 
-from ..errors import CacheError
-from . import codec
-from .storage import Location, as_location
+from ..errors import CacheCorruptError, CacheError
+from . import codec, integrity
+from .integrity import FILL, STATIC_ARRAYS, STATIC_FILE, UNITS_FILE, UNKNOWN, ChecksummedStore
+from .storage import Location, as_location, fsync_dir, os_problem
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+# 2: every chunk's CRC-32C recorded and checked on read (integrity.py). Format 1
+# caches (no checksums) are still read, with the checks verify makes on values.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 ATTR = "hpd_cache"
 ARRAYS = ("tokens", "offsets", "loss_mask", "example_id", "label_logprob", "topk_head", "topk_ids", "topk_logprobs")
 TEACHER_ARRAYS = ("label_logprob", "topk_ids", "topk_logprobs", "topk_head")
+_MARKER_FIELDS = ("distortion_sum", "distortion_max", "weighted_abs_error_sum", "topk_rows")
 SEQUENCE_CHUNK = 1 << 16
 # Pause between putting a claim and reading it back (object stores): a rival
 # put that lands within it wins, so both claimants agree on one owner.
@@ -156,14 +161,70 @@ def unit_claim(unit: int) -> str:
 
 
 def _read_attrs(location: Location) -> dict[str, Any] | None:
-    """The hpd_cache attributes from the group's zarr.json; None when there is no group."""
+    """The hpd_cache attributes from the group's zarr.json; None when there is no
+    group, {} for a Zarr group that is not a cache. A zarr.json that does not parse
+    (a damaged cache) raises CacheCorruptError."""
     meta = location.read("zarr.json")
     if meta is None:
         return None
     try:
-        return dict(json.loads(meta).get("attributes", {}).get(ATTR) or {})
-    except ValueError:
-        return {}
+        attrs = json.loads(meta).get("attributes", {}).get(ATTR) or {}
+    except (ValueError, AttributeError, UnicodeDecodeError) as exc:
+        raise CacheCorruptError(f"{location}: zarr.json does not parse ({type(exc).__name__}); the cache is damaged: delete it and rerun `hpd-tools cache`") from None
+    if not isinstance(attrs, dict):
+        raise CacheCorruptError(f"{location}: the '{ATTR}' attributes in zarr.json are not a mapping; the cache is damaged: delete it and rerun `hpd-tools cache`")
+    return dict(attrs)
+
+
+# Attributes every reader, writer, info and list depend on: (dotted key, types).
+_REQUIRED_ATTRS: tuple[tuple[str, tuple[type, ...]], ...] = (
+    ("key", (str,)),
+    ("compat", (str,)),
+    ("top_k", (int,)),
+    ("max_length", (int,)),
+    ("chunk_tokens", (int,)),
+    ("n_units", (int,)),
+    ("counts.sequences", (int,)),
+    ("counts.tokens", (int,)),
+    ("counts.response_tokens", (int,)),
+    ("complete", (bool,)),
+    ("tokenizer_hash", (str,)),
+    ("teacher.name", (str,)),
+    ("data.path", (str,)),
+    ("codec", (str,)),
+)
+
+
+def check_attrs(where: Any, attrs: dict[str, Any]) -> None:
+    """Every attribute the code depends on is present, typed and consistent; else a
+    CacheCorruptError naming the first one that is not."""
+    def fail(message: str) -> None:
+        raise CacheCorruptError(f"{where}: {message}; the cache is damaged: delete it and rerun `hpd-tools cache`")
+
+    for dotted, types in _REQUIRED_ATTRS:
+        value: Any = attrs
+        for part in dotted.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+            if value is None:
+                fail(f"attribute '{dotted}' is missing")
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            fail(f"attribute '{dotted}' is {value!r}, expected {' or '.join(t.__name__ for t in types)}")
+    if attrs["top_k"] < 1 or attrs["chunk_tokens"] < 1 or attrs["max_length"] < 2:
+        fail(f"attributes top_k {attrs['top_k']}, chunk_tokens {attrs['chunk_tokens']}, max_length {attrs['max_length']} are out of range")
+    counts = attrs["counts"]
+    if min(counts["sequences"], counts["tokens"], counts["response_tokens"]) < 0 or counts["response_tokens"] > counts["tokens"]:
+        fail(f"attribute 'counts' {counts} is inconsistent")
+    units = max(1, -(-counts["tokens"] // attrs["chunk_tokens"]))
+    if attrs["n_units"] != units:
+        fail(f"attribute 'n_units' is {attrs['n_units']}, but {counts['tokens']} tokens in units of {attrs['chunk_tokens']} make {units}")
+    if attrs["codec"] not in codec.KNOWN_CODECS:
+        fail(f"codec '{attrs['codec']}' is not one this version reads ({', '.join(codec.KNOWN_CODECS)})")
+    if attrs.get("format_version", 0) >= 2:
+        sums = attrs.get("checksums")
+        if not isinstance(sums, dict) or sums.get("algorithm") != integrity.ALGORITHM or not isinstance(sums.get("static"), str):
+            fail("attribute 'checksums' is missing or malformed")
+        if attrs["complete"] and not isinstance(sums.get("units"), str):
+            fail("marked complete but attribute 'checksums.units' is missing")
 
 
 class CacheStore:
@@ -178,11 +239,20 @@ class CacheStore:
             raise CacheError(f"{self.path}: not an hpd-tools cache (no Zarr group there); give the folder or URL that `hpd-tools cache` printed or that `hpd-tools list` shows")
         if not attrs:
             raise CacheError(f"{self.path}: a Zarr group but not an hpd-tools cache (no '{ATTR}' attributes)")
-        if attrs.get("format_version") != FORMAT_VERSION:
-            raise CacheError(f"{self.path}: cache format {attrs.get('format_version')} is not supported by this version (expects {FORMAT_VERSION})")
+        if attrs.get("format_version") not in READABLE_VERSIONS:
+            raise CacheError(f"{self.path}: cache format {attrs.get('format_version')} is not supported by this version (reads {', '.join(map(str, READABLE_VERSIONS))})")
+        check_attrs(self.path, attrs)
         self.attrs: dict[str, Any] = attrs
+        self.checked = int(attrs["format_version"]) >= 2  # chunks carry checksums (integrity.py)
+        self._tables: dict[str, np.ndarray] = {}
+        self._unit_sums: dict[int, dict[str, int]] = {}
+        if self.checked:
+            self._tables.update(self._load_table(STATIC_FILE, attrs["checksums"]["static"]))
+            if self.complete:
+                self._tables.update(self._load_table(UNITS_FILE, attrs["checksums"]["units"]))
+        self.zstore: ChecksummedStore | None = None
         try:
-            self.group = self.location.open_group("r+")
+            self.group = self.location.open_group("r+", wrap=self._wrap)
         except CacheError:
             raise
         except Exception:
@@ -193,6 +263,44 @@ class CacheStore:
         self._lock = threading.Lock()
         self._heartbeat: threading.Thread | None = None
         self._clock: tuple[float, float] | None = None
+
+    # -- checksums (integrity.py) -------------------------------------------
+    def _wrap(self, store: Any) -> ChecksummedStore:
+        self.zstore = ChecksummedStore(store, self._expected, self._describe, str(self.path))
+        return self.zstore
+
+    def _load_table(self, rel: str, sha: str) -> dict[str, np.ndarray]:
+        raw = self.location.read(rel)
+        if raw is None:
+            raise CacheCorruptError(f"{self.path}: {rel} is missing; the cache is damaged: delete it and rerun `hpd-tools cache`")
+        if integrity.digest(raw) != sha:
+            raise CacheCorruptError(f"{self.path}: {rel} does not match its SHA-256 in the attributes; the cache is damaged: delete it and rerun `hpd-tools cache`")
+        return integrity.decode_table(raw, f"{self.path}: {rel}")
+
+    def _expected(self, name: str, chunk: int) -> int:
+        """The recorded checksum of a chunk, or UNKNOWN (format 1, a unit in progress)."""
+        if not self.checked:
+            return UNKNOWN
+        table = self._tables.get(name)
+        if table is not None:
+            return int(table[chunk]) if 0 <= chunk < len(table) else UNKNOWN
+        sums = self._unit_sums.get(chunk)
+        return sums.get(name, UNKNOWN) if sums is not None else UNKNOWN
+
+    def _describe(self, name: str, chunk: int) -> str:
+        if name in ("offsets", "example_id"):
+            return f"chunk {chunk} (sequences {chunk * SEQUENCE_CHUNK}-{(chunk + 1) * SEQUENCE_CHUNK})"
+        start, end = chunk * self.chunk_tokens, (chunk + 1) * self.chunk_tokens
+        return f"unit {chunk} (positions {start}-{end})"
+
+    def load_unit_checksums(self, units: Iterable[int]) -> None:
+        """Read the checksums of finished units from their markers, so reads of an
+        incomplete cache (verify) are checked too."""
+        if not self.checked or self.complete:
+            return
+        wanted = [u for u in units if u not in self._unit_sums]
+        for unit, marker in zip(wanted, self.read_markers(wanted)):
+            self._unit_sums[unit] = marker["checksums"]
 
     # -- identity ---------------------------------------------------------
     @property
@@ -237,7 +345,30 @@ class CacheStore:
         return self.location.read(unit_marker(unit)) is not None
 
     def read_marker(self, unit: int) -> dict[str, Any]:
-        return json.loads(self.location.read(unit_marker(unit)) or b"{}")
+        return self.read_markers([unit])[0]
+
+    def read_markers(self, units: list[int]) -> list[dict[str, Any]]:
+        """The markers of finished units, parsed and checked; a damaged one is a
+        CacheCorruptError that says how to recompute its unit."""
+        out = []
+        for unit, raw in zip(units, self.location.read_many([unit_marker(u) for u in units])):
+            rel = unit_marker(unit)
+            fix = f"delete {rel} and rerun the `hpd-tools cache` command to recompute the unit"
+            try:
+                marker = json.loads(raw)
+            except (ValueError, UnicodeDecodeError):
+                raise CacheCorruptError(f"{self.path}: the marker {rel} does not parse; {fix}") from None
+            if not isinstance(marker, dict) or marker.get("unit") != unit:
+                raise CacheCorruptError(f"{self.path}: the marker {rel} is not unit {unit}'s; {fix}")
+            for name in _MARKER_FIELDS:
+                if not isinstance(marker.get(name), (int, float)) or isinstance(marker.get(name), bool):
+                    raise CacheCorruptError(f"{self.path}: the marker {rel} lacks '{name}'; {fix}")
+            if self.checked:
+                sums = marker.get("checksums")
+                if not isinstance(sums, dict) or any(not isinstance(sums.get(name), int) or isinstance(sums.get(name), bool) for name in TEACHER_ARRAYS):
+                    raise CacheCorruptError(f"{self.path}: the marker {rel} lacks the checksums of its chunks; {fix}")
+            out.append(marker)
+        return out
 
     def claim(self, unit: int) -> bool:
         """Take unit ``unit`` for this process unless another writer holds it.
@@ -344,18 +475,24 @@ class CacheStore:
                         log.debug("claim heartbeat for unit %d failed: %s", unit, exc)
 
     def write_unit(self, unit: int, arrays: dict[str, np.ndarray], stats: dict[str, Any]) -> None:
-        """Write one unit's teacher arrays, make them durable, then mark it done."""
+        """Write one unit's teacher arrays, make them durable, then mark it done; the
+        marker records each chunk's checksum as written."""
         start, end = self.unit_range(unit)
+        assert self.zstore is not None
+        for name in arrays:
+            self.zstore.take_written(name, unit)  # forget an earlier, unfinished write of this unit
         with self.location.guard("writing unit chunks"):
             for name, values in arrays.items():
                 self.array(name)[start:end] = values
+        sums = {name: self.zstore.take_written(name, unit) for name in arrays}
         if self.location.local is not None:
             for name in arrays:
                 chunk = self.location.local / name / "c" / str(unit)
                 if self.array(name).ndim == 2:
                     chunk = chunk / "0"
                 _fsync(chunk)
-        self.location.write(unit_marker(unit), json.dumps(stats).encode())
+                fsync_dir(chunk.parent)  # the chunk's name is durable before the marker vouches for it
+        self.location.write(unit_marker(unit), json.dumps({**stats, "checksums": sums}).encode())
 
     def finish_if_done(self) -> bool:
         """Mark the cache complete when every unit is done. Idempotent: any writer
@@ -365,10 +502,17 @@ class CacheStore:
         done = self.done_units()
         if len(done) < self.n_units:
             return False
-        markers = [json.loads(m) for m in self.location.read_many([unit_marker(u) for u in range(self.n_units)])]
+        markers = self.read_markers(list(range(self.n_units)))
         distortion_sum = sum(m["distortion_sum"] for m in markers)
         topk_rows = sum(m["topk_rows"] for m in markers)
         attrs = dict(self.attrs)
+        if self.checked:
+            # All units' checksums in one object, so a reader needs one read, not one per marker.
+            table = {name: np.array([m["checksums"][name] for m in markers], dtype=np.int64) for name in TEACHER_ARRAYS}
+            raw = integrity.encode_table(table)
+            self.location.write(UNITS_FILE, raw)
+            attrs["checksums"] = {**attrs["checksums"], "units": integrity.digest(raw)}
+            self._tables.update(table)
         attrs["complete"] = True
         attrs["quality"] = {
             "mean_abs_kl_distortion": distortion_sum / max(topk_rows, 1),
@@ -389,8 +533,12 @@ class CacheStore:
 
 
 def _build_group(path: Path, plan: Plan, attrs: dict[str, Any], vocab_size: int) -> None:
-    """Write a new group with its static arrays (tokens, offsets, mask, ids) at ``path``."""
-    group = zarr.open_group(str(path), mode="w")
+    """Write a new group with its static arrays (tokens, offsets, mask, ids) at
+    ``path``, their chunks' checksums, then the attributes that vouch for them."""
+    from zarr.storage import LocalStore
+
+    store = ChecksummedStore(LocalStore(str(path)))
+    group = zarr.open_group(store, mode="w")
     n, s, k, c = plan.n_tokens, len(plan.example_ids), attrs["top_k"], plan.chunk_tokens
 
     def make(name: str, shape: tuple, chunks: tuple, dtype: Any) -> zarr.Array:
@@ -404,6 +552,13 @@ def _build_group(path: Path, plan: Plan, attrs: dict[str, Any], vocab_size: int)
     make("topk_head", (n,), (c,), np.float16)
     make("topk_ids", (n, k), (c, k), codec.ids_dtype(vocab_size))
     make("topk_logprobs", (n, k), (c, k), np.uint8)
+    chunks = {"tokens": c, "loss_mask": c, "offsets": SEQUENCE_CHUNK, "example_id": SEQUENCE_CHUNK}
+    lengths = {"tokens": n, "loss_mask": n, "offsets": s + 1, "example_id": s}
+    table = {name: np.array([store.written.get((name, i), FILL) for i in range(max(1, -(-lengths[name] // chunks[name])))], dtype=np.int64) for name in STATIC_ARRAYS}
+    raw = integrity.encode_table(table)
+    (path / "checksums").mkdir(exist_ok=True)
+    (path / STATIC_FILE).write_bytes(raw)
+    attrs["checksums"] = {"algorithm": integrity.ALGORITHM, "static": integrity.digest(raw)}
     group.attrs[ATTR] = attrs
 
 
@@ -431,20 +586,34 @@ def create_cache(path: str | os.PathLike | Location, plan: Plan, attrs: dict[str
     try:
         _build_group(tmp, plan, attrs, vocab_size)
         (tmp / "progress").mkdir()
+        _fsync_tree(tmp)  # every static chunk durable before the cache appears under its name
         try:
             os.rename(tmp, path)
         except OSError:
             if not (path / "zarr.json").exists():
                 raise
+        fsync_dir(path.parent)
+    except OSError as exc:
+        raise CacheError(f"{path}: creating the cache failed ({os_problem(exc)}); nothing was left behind: fix that and rerun the same command") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return CacheStore(location)
 
 
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync(Path(folder) / name)
+        fsync_dir(Path(folder))
+
+
 def is_cache(path: str | os.PathLike | Location) -> bool:
+    """Whether ``path`` holds a cache, a damaged one included (its zarr.json does not parse)."""
     try:
         return bool(_read_attrs(as_location(path)))
+    except CacheCorruptError:
+        return True
     except OSError:
         return False
 

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..errors import CacheError
+from ..errors import CacheCorruptError, CacheError
 from . import codec
 from .layout import CacheStore
 
@@ -79,8 +79,11 @@ class CacheReader:
             raise ValueError(f"rank {rank} outside world size {world_size}")
         self.seed, self.shuffle, self.rank, self.world_size = seed, shuffle, rank, world_size
         self.buffer_sequences = buffer_sequences
-        with self._reading("offsets"):
-            self.offsets = self.store.array("offsets")[:]
+        self.offsets = self._read("offsets", slice(None), "the offsets")
+        check_offsets(self.store, self.offsets)
+        if require_complete and not self.store.checked and len(self.store.done_units()) < self.store.n_units:
+            # Format 1 has no checksums: its markers are the only record that every unit was written.
+            raise CacheCorruptError(f"{path}: marked complete but only {len(self.store.done_units())}/{self.store.n_units} units have markers; the cache is damaged: delete it and rerun `hpd-tools cache`")
         self.k = self.store.k
         self._example_ids = self.store.array("example_id")
 
@@ -92,6 +95,11 @@ class CacheReader:
         becomes a one-line CacheError naming the URL and what was being read."""
         location = self.store.location
         return location.guard(f"reading {what}") if location.local is None else contextlib.nullcontext()
+
+    def _read(self, name: str, rows: slice, what: str) -> np.ndarray:
+        """Rows of one array. Checksums are checked by the store (format 2); a chunk
+        that does not decode (format 1, or a codec failure) is a CacheCorruptError."""
+        return read_rows(self.store, name, rows, what)
 
     def units(self, epoch: int = 0) -> list[int]:
         """This rank's units, in this epoch's order."""
@@ -108,9 +116,8 @@ class CacheReader:
         if first >= last:
             return []
         lo, hi = int(self.offsets[first]), int(self.offsets[last])
-        with self._reading(f"unit {unit}"):
-            a = {name: self.store.array(name)[lo:hi] for name in ("tokens", "loss_mask", "label_logprob", "topk_ids", "topk_logprobs", "topk_head")}
-            ids = self._example_ids[first:last]
+        a = {name: self._read(name, slice(lo, hi), f"unit {unit}") for name in ("tokens", "loss_mask", "label_logprob", "topk_ids", "topk_logprobs", "topk_head")}
+        ids = self._read("example_id", slice(first, last), f"unit {unit}")
         logprobs = codec.decode_logprobs(a["topk_head"], a["topk_logprobs"])
         logprobs[~a["loss_mask"]] = 0.0
         out = []
@@ -227,6 +234,29 @@ class CacheReader:
             if wanted is not None and len(pending) == len(wanted):
                 yield collate(pending, self.k)
                 pending, wanted = [], next(plan, None)
+
+
+def read_rows(store: CacheStore, name: str, rows: slice, what: str) -> np.ndarray:
+    """``store.array(name)[rows]``, with every failure a one-line CacheError: a
+    checksum mismatch or missing chunk (CacheCorruptError from the store), a chunk
+    that does not decode, storage that fails (object stores)."""
+    location = store.location
+    try:
+        with location.guard(f"reading {what}") if location.local is None else contextlib.nullcontext():
+            return store.array(name)[rows]
+    except CacheError:
+        raise
+    except Exception as exc:  # codecs raise their own types (LZMAError, RuntimeError from zstd/blosc, ValueError)
+        text = str(exc).splitlines()[0] if str(exc) else ""
+        raise CacheCorruptError(f"{store.path}: array '{name}' ({what}) cannot be read ({type(exc).__name__}: {text}); the cache is damaged: delete it and rerun `hpd-tools cache`") from None
+
+
+def check_offsets(store: CacheStore, offsets: np.ndarray) -> None:
+    """Offsets that describe the cache's token axis: from 0 to its token count, each
+    sequence at least 2 tokens (format 1 caches have no checksum to vouch for them)."""
+    n = int(store.attrs["counts"]["tokens"])
+    if len(offsets) != int(store.attrs["counts"]["sequences"]) + 1 or offsets[0] != 0 or offsets[-1] != n or (np.diff(offsets) < 2).any():
+        raise CacheCorruptError(f"{store.path}: the offsets do not describe {n} tokens in sequences of at least 2; the cache is damaged: delete it and rerun `hpd-tools cache`")
 
 
 def collate(seqs: list[CachedSequence], k: int) -> Batch:

@@ -11,7 +11,7 @@ import contextlib
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import zarr
 
@@ -119,7 +119,10 @@ class Location:
         """Put one file or object whole: readers see the old content or the new one.
         Local files are fsync-ed and renamed into place; an object put is atomic."""
         if self.local is not None:
-            _write_atomic(self.local / rel, data)
+            try:
+                _write_atomic(self.local / rel, data)
+            except OSError as exc:
+                raise CacheError(f"{self.url}: writing {rel} failed ({os_problem(exc)}); fix that and rerun the same command (finished work is kept)") from None
             return
         with self.guard("writing"):
             self.fs.pipe_file(self._key(rel), data)
@@ -175,20 +178,35 @@ class Location:
             with self.guard("writing"):
                 self.fs.put([str(f) for f in files], [self._key(f.relative_to(folder).as_posix()) for f in files])
 
-    def open_group(self, mode: str = "r+") -> zarr.Group:
-        if self.local is not None:
-            return zarr.open_group(str(self.local), mode=mode)
-        from zarr.storage import FsspecStore
+    def open_group(self, mode: str = "r+", wrap: Callable[[Any], Any] | None = None) -> zarr.Group:
+        """The Zarr group here; ``wrap`` wraps the Zarr store (integrity.ChecksummedStore)."""
+        from zarr.storage import FsspecStore, LocalStore
 
-        with self.guard("opening"):
-            store = FsspecStore.from_url(self.url, read_only=mode == "r")
-            return zarr.open_group(store, mode=mode)
+        with self.guard("opening") if self.local is None else contextlib.nullcontext():
+            if self.local is not None:
+                store: Any = LocalStore(str(self.local), read_only=mode == "r")
+            else:
+                store = FsspecStore.from_url(self.url, read_only=mode == "r")
+            return zarr.open_group(wrap(store) if wrap else store, mode=mode)
+
+
+def os_problem(exc: OSError) -> str:
+    """An OSError from a local filesystem, for a person: the cause, without a traceback."""
+    import errno
+
+    causes = {errno.ENOSPC: "no space left on the device", errno.EROFS: "the filesystem is read-only", errno.EACCES: "permission denied",
+              errno.EPERM: "permission denied", errno.EDQUOT: "disk quota exceeded", errno.ENOTDIR: "a path component is a file, not a folder",
+              errno.EFBIG: "file too large for this filesystem or process limit"}
+    cause = causes.get(exc.errno or -1, exc.strerror or type(exc).__name__)
+    return f"{cause}: {exc.filename}" if exc.filename else cause
 
 
 def _storage_problem(exc: BaseException) -> str:
     """What a storage client's exception means for the user, in one line."""
     name = type(exc).__name__
     text = str(exc).splitlines()[0] if str(exc) else name
+    if isinstance(exc, OSError) and exc.errno is not None and not isinstance(exc, (ConnectionError, TimeoutError, PermissionError)):
+        return os_problem(exc)
     if name in ("NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "ProfileNotFound"):
         return f"no usable credentials ({text}); set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or an AWS profile"
     if isinstance(exc, PermissionError):
@@ -205,8 +223,28 @@ def as_location(where: str | os.PathLike | Location) -> Location:
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with tmp.open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a folder's entries durable (a rename or a new file in it): without it a
+    power loss can keep a marker's new name and lose the chunk it vouches for."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on folders; nothing more can be done there
+        pass
+    finally:
+        os.close(fd)

@@ -11,7 +11,8 @@ import numpy as np
 from ..errors import CacheCorruptError
 from ..progress import Progress
 from . import codec
-from .layout import CacheStore, unit_marker
+from .layout import TEACHER_ARRAYS, CacheStore, unit_marker
+from .reader import read_rows
 
 # Mass-preserving rounding keeps a row's decoded top-k mass within second-order
 # terms of the exact one (measured max excess on real data: < 1e-3).
@@ -29,6 +30,7 @@ class VerifyReport:
     max_label_gap: float = 0.0
     complete: bool = False
     units_claimed: int = 0  # units without a marker that a writer holds (or held, if it stopped)
+    checksums: str = ""
     problems: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -39,21 +41,29 @@ def _fail(path: str | Path, message: str) -> None:
     raise CacheCorruptError(f"{path}: {message}; rebuild the affected cache (delete it and rerun `hpd-tools cache`)")
 
 
+_DTYPES = {
+    "tokens": ("int32",), "offsets": ("int64",), "loss_mask": ("bool",), "example_id": ("uint64",),
+    "label_logprob": ("float16", "float32"), "topk_head": ("float16", "float32"), "topk_ids": ("uint16", "int32"), "topk_logprobs": ("uint8",),
+}
+
+
 def verify_cache(path: str | Path) -> VerifyReport:
-    """Check shapes, offsets, masks and every stored log-prob; raise on the first violation.
+    """Check attributes, arrays, markers, checksums and every stored value; raise
+    CacheCorruptError on the first violation.
 
     An incomplete cache is checked as far as it is written; ``complete`` in
     the report says whether it is finished. Every token-axis array must be
     chunked by the attributes' ``chunk_tokens`` (two writers that created one
-    cache at once with different --chunk-tokens would break this).
+    cache at once with different --chunk-tokens would break this). On format 2
+    every chunk read is checked against its recorded CRC-32C (integrity.py).
     """
-    store = CacheStore(path)
+    store = CacheStore(path)  # attributes present, typed, consistent; checksum tables intact
     path = store.path
     attrs = store.attrs
     k, n_units = store.k, store.n_units
     n = int(attrs["counts"]["tokens"])
     s = int(attrs["counts"]["sequences"])
-    vocab = int(attrs["teacher"].get("vocab_size") or 0) or None
+    vocab = int((attrs.get("teacher") or {}).get("vocab_size") or 0) or None
 
     expected = {
         "tokens": (n,), "loss_mask": (n,), "label_logprob": (n,), "topk_head": (n,),
@@ -61,41 +71,55 @@ def verify_cache(path: str | Path) -> VerifyReport:
     }
     for name, shape in expected.items():
         try:
-            actual = store.array(name).shape
-        except KeyError:
-            _fail(path, f"array '{name}' is missing")
-        if tuple(actual) != shape:
-            _fail(path, f"array '{name}' has shape {tuple(actual)}, expected {shape}")
-        chunk = store.array(name).chunks[0]
+            array = store.array(name)
+        except Exception:  # KeyError, or metadata that does not parse
+            _fail(path, f"array '{name}' is missing or its metadata is damaged")
+        if tuple(array.shape) != shape:
+            _fail(path, f"array '{name}' has shape {tuple(array.shape)}, expected {shape}")
+        if str(array.dtype) not in _DTYPES[name]:
+            _fail(path, f"array '{name}' has dtype {array.dtype}, expected {' or '.join(_DTYPES[name])}")
+        chunk = array.chunks[0]
         if name not in ("offsets", "example_id") and chunk != store.chunk_tokens:
             _fail(path, f"array '{name}' is chunked by {chunk} positions, the attributes say {store.chunk_tokens}")
-    offsets = store.array("offsets")[:]
+    offsets = read_rows(store, "offsets", slice(None), "the offsets")
     if offsets[0] != 0 or offsets[-1] != n:
         _fail(path, f"offsets run from {offsets[0]} to {offsets[-1]}, expected 0 to {n}")
     lengths = np.diff(offsets)
     if (lengths < 2).any():
         bad = int(np.flatnonzero(lengths < 2)[0])
         _fail(path, f"sequence {bad} has {lengths[bad]} tokens (offsets must increase by at least 2)")
+    read_rows(store, "example_id", slice(None), "the example ids")  # every chunk present and, on format 2, intact
     last_positions = offsets[1:] - 1
 
     done = store.done_units()
+    if any(u >= n_units for u in done):
+        _fail(path, f"a marker names unit {max(done)}, but the cache has {n_units} units")
     if store.complete and len(done) < n_units:
         _fail(path, f"marked complete but only {len(done)}/{n_units} units have markers")
-    report = VerifyReport(location=str(path), units_total=n_units, complete=store.complete, units_claimed=len(store.claimed_units() - done))
-    progress = Progress(total=len(done), unit="units", desc="verify")
-    for unit in sorted(done):
+    markers = store.read_markers(sorted(done))  # each parses and names its unit (and its checksums, format 2)
+    if store.checked and store.complete:
+        for marker in markers:
+            for name in TEACHER_ARRAYS:
+                if marker["checksums"][name] != store._expected(name, marker["unit"]):
+                    _fail(path, f"the marker of unit {marker['unit']} and checksums/units.json disagree on array '{name}'")
+    store.load_unit_checksums(sorted(done))
+    report = VerifyReport(location=str(path), units_total=n_units, complete=store.complete, units_claimed=len(store.claimed_units() - done),
+                          checksums="crc32c" if store.checked else "none (format 1: values checked only)")
+    response_tokens = 0
+    progress = Progress(total=n_units, unit="units", desc="verify")
+    for unit in range(n_units):
         start, end = store.unit_range(unit)
-        data = {}
-        for name in _ARRAYS:
-            try:
-                data[name] = store.array(name)[start:end]
-            except Exception as exc:  # a damaged chunk fails inside the codec with its own error type
-                _fail(path, f"array '{name}' chunk {unit} (positions {start}-{end}) cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})")
-        _check_unit(path, unit, start, data, last_positions, k, vocab, report)
-        report.units_checked += 1
-        report.positions += end - start
+        arrays = _ARRAYS if unit in done else ("tokens", "loss_mask")
+        data = {name: read_rows(store, name, slice(start, end), f"unit {unit}, positions {start}-{end}") for name in arrays}
+        response_tokens += int(data["loss_mask"].sum())
+        if unit in done:
+            _check_unit(path, unit, start, data, last_positions, k, vocab, report)
+            report.units_checked += 1
+            report.positions += end - start
         progress.update(1)
     progress.close()
+    if response_tokens != int(attrs["counts"]["response_tokens"]):
+        _fail(path, f"the loss mask holds {response_tokens} response tokens, the attributes say {attrs['counts']['response_tokens']}")
     return report
 
 

@@ -34,6 +34,7 @@ from ..errors import HPDError
 from ..hashing import chat_template_hash, hash_obj, model_hash, sha256_hex, tokenizer_hash
 from ..progress import Progress
 from . import codec
+from .reader import check_offsets, read_rows
 from .layout import ARRAYS, FORMAT_VERSION, CacheStore, Location, Plan, as_location, cache_home, caches_under, create_cache, is_cache
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,25 @@ class CacheConfig:
             raise HPDError(f"--max-length {self.max_length}: must be at least 2")
         if self.chunk_tokens < 16:
             raise HPDError(f"--chunk-tokens {self.chunk_tokens}: must be at least 16")
+        # Sequences are batched up to this many tokens; one longer than it is scored alone.
+        if self.batch_tokens < 1:
+            raise HPDError(f"--batch-tokens {self.batch_tokens}: must be at least 1 (tokens per teacher call; a longer sequence goes alone)")
+        if self.seed < 0:
+            raise HPDError(f"--seed {self.seed}: must be 0 or more")
         if self.engine not in ("vllm", "hf"):
             raise HPDError(f"--engine {self.engine}: choose vllm or hf")
+        try:  # the ids range over the teacher's vocabulary; cheap to know before any other work
+            teacher_config = json.loads((Path(self.teacher) / "config.json").read_text())
+            vocab_size = int(teacher_config.get("vocab_size") or (teacher_config.get("text_config") or {}).get("vocab_size") or 0)
+        except (OSError, ValueError, TypeError, AttributeError):
+            vocab_size = 0  # a missing or broken teacher folder is reported where it is read
+        if vocab_size and self.top_k > vocab_size:
+            raise HPDError(f"--top-k {self.top_k}: larger than the teacher's vocabulary ({vocab_size}); use at most {vocab_size}")
+        from ..engines import check_engine_args
+
+        # Engine options hpd-tools sets from its own options: the key would not see them.
+        own = {"model": "--teacher", "dtype": "--dtype", "seed": "--seed", "max_logprobs": "--top-k", "max_model_len": "--max-length"}
+        check_engine_args(self.engine, self.engine_args, where="--vllm-arg", reserved=own)
 
 
 @dataclass
@@ -144,15 +162,33 @@ def make_plan(examples: list, chunk_tokens: int) -> Plan:
 
 
 class _Donors:
-    """Complete caches of the same teacher, tokenizer, k and codec, and the examples they hold."""
+    """Complete caches of the same teacher, tokenizer, k and codec, and the examples they hold.
+
+    Every row read from a donor passes its chunk checksums (format 2; the compat
+    hash includes the format, so older caches never donate). A donor with a
+    damaged chunk is dropped at the first failure, with a warning naming it, and
+    the sequences it would have given are scored by the teacher instead: a
+    corrupted cache never spreads into a new one.
+    """
 
     def __init__(self, caches: list[CacheStore]):
-        self.caches = caches
+        self.caches: list[CacheStore] = []
         self.index: dict[int, tuple[int, int]] = {}
-        for c_i, cache in enumerate(caches):
-            for s, eid in enumerate(cache.array("example_id")[:].tolist()):
+        self._offsets: list[np.ndarray] = []
+        for cache in caches:
+            try:
+                eids = read_rows(cache, "example_id", slice(None), "the example ids")
+                offsets = read_rows(cache, "offsets", slice(None), "the offsets")
+                check_offsets(cache, offsets)
+            except HPDError as exc:
+                log.warning("not reusing rows from %s: %s", cache.path, exc)
+                continue
+            c_i = len(self.caches)
+            self.caches.append(cache)
+            self._offsets.append(offsets)
+            for s, eid in enumerate(eids.tolist()):
                 self.index.setdefault(eid, (c_i, s))
-        self._offsets = [c.array("offsets")[:] for c in caches]
+        self.bad: set[int] = set()
         self._chunks: dict[tuple[int, str, int], np.ndarray] = {}
 
     @classmethod
@@ -181,24 +217,28 @@ class _Donors:
             if key not in self._chunks:
                 if len(self._chunks) > 64:
                     self._chunks.clear()
-                self._chunks[key] = cache.array(name)[chunk * size : (chunk + 1) * size]
+                self._chunks[key] = read_rows(cache, name, slice(chunk * size, (chunk + 1) * size), f"unit {chunk}")
             lo = max(start, chunk * size) - chunk * size
             hi = min(end, (chunk + 1) * size) - chunk * size
             parts.append(self._chunks[key][lo:hi])
         return np.concatenate(parts)
 
-    def lookup(self, eid: int, tokens: np.ndarray) -> tuple[int, int] | None:
+    def take(self, eid: int, tokens: np.ndarray, a: int, b: int) -> dict[str, np.ndarray] | None:
+        """The teacher rows [a, b) of the sequence with this example id and tokens, from
+        the first donor that holds it intact; None when no donor can give them."""
         hit = self.index.get(eid)
-        if hit is None:
+        if hit is None or hit[0] in self.bad:
             return None
         c_i, s = hit
-        d0, d1 = self._offsets[c_i][s], self._offsets[c_i][s + 1]
-        if d1 - d0 != len(tokens) or not np.array_equal(self._read(c_i, "tokens", d0, d1), tokens):
+        d0, d1 = int(self._offsets[c_i][s]), int(self._offsets[c_i][s + 1])
+        try:
+            if d1 - d0 != len(tokens) or not np.array_equal(self._read(c_i, "tokens", d0, d1), tokens):
+                return None
+            return {name: self._read(c_i, name, d0 + a, d0 + b) for name in ("label_logprob", "topk_head", "topk_ids", "topk_logprobs")}
+        except HPDError as exc:
+            self.bad.add(c_i)
+            log.warning("not reusing rows from %s any more: %s", self.caches[c_i].path, exc)
             return None
-        return c_i, int(d0)
-
-    def rows(self, c_i: int, start: int, end: int) -> dict[str, np.ndarray]:
-        return {name: self._read(c_i, name, start, end) for name in ("label_logprob", "topk_head", "topk_ids", "topk_logprobs")}
 
 
 def _unit_buffers(n: int, k: int, ids_dtype: np.dtype) -> dict[str, np.ndarray]:
@@ -244,6 +284,7 @@ def build_cache(config: CacheConfig, teacher: TeacherEngine | None = None, dry_r
         "top_k": config.top_k,
         "max_length": config.max_length,
         "dtype": dtype,
+        "engine_name": config.engine,  # vLLM and transformers agree only within tolerances: never share rows; the version is not in the key
         "codec": codec.CODEC_VERSION,
     }
     compat = hash_obj(identity)
@@ -341,10 +382,9 @@ def _fill(store: CacheStore, plan: Plan, config: CacheConfig, dtype: str, result
             o0, o1 = int(plan.offsets[s]), int(plan.offsets[s + 1])
             a, b = max(o0, start) - o0, min(o1, end) - o0
             seq_tokens = plan.tokens[o0:o1]
-            hit = donors.lookup(int(plan.example_ids[s]), seq_tokens) if donors.caches else None
-            if hit is not None:
-                c_i, d0 = hit
-                for name, rows in donors.rows(c_i, d0 + a, d0 + b).items():
+            reused_rows = donors.take(int(plan.example_ids[s]), seq_tokens, a, b) if donors.caches else None
+            if reused_rows is not None:
+                for name, rows in reused_rows.items():
                     buffers[name][o0 + a - start : o0 + b - start] = rows
                 reused += 1
                 reused_sequences.add(s)
