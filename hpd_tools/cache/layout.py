@@ -65,6 +65,7 @@ different protocols for the same guarantees:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -481,17 +482,21 @@ class CacheStore:
         assert self.zstore is not None
         for name in arrays:
             self.zstore.take_written(name, unit)  # forget an earlier, unfinished write of this unit
-        with self.location.guard("writing unit chunks"):
-            for name, values in arrays.items():
-                self.array(name)[start:end] = values
-        sums = {name: self.zstore.take_written(name, unit) for name in arrays}
-        if self.location.local is not None:
-            for name in arrays:
-                chunk = self.location.local / name / "c" / str(unit)
-                if self.array(name).ndim == 2:
-                    chunk = chunk / "0"
-                _fsync(chunk)
-                fsync_dir(chunk.parent)  # the chunk's name is durable before the marker vouches for it
+        try:
+            with self.location.guard("writing unit chunks") if self.location.local is None else contextlib.nullcontext():
+                for name, values in arrays.items():
+                    self.array(name)[start:end] = values
+            sums = {name: self.zstore.take_written(name, unit) for name in arrays}
+            if self.location.local is not None:
+                for name in arrays:
+                    chunk = self.location.local / name / "c" / str(unit)
+                    if self.array(name).ndim == 2:
+                        chunk = chunk / "0"
+                    _fsync(chunk)
+                    fsync_dir(chunk.parent)  # the chunk's name is durable before the marker vouches for it
+        except OSError as exc:
+            settle_zarr_writes()
+            raise CacheError(f"{self.path}: writing unit {unit} failed ({os_problem(exc)}); fix that and rerun the same command: the units already written are kept") from None
         self.location.write(unit_marker(unit), json.dumps({**stats, "checksums": sums}).encode())
 
     def finish_if_done(self) -> bool:
@@ -594,11 +599,40 @@ def create_cache(path: str | os.PathLike | Location, plan: Plan, attrs: dict[str
                 raise
         fsync_dir(path.parent)
     except OSError as exc:
+        settle_zarr_writes()
         raise CacheError(f"{path}: creating the cache failed ({os_problem(exc)}); nothing was left behind: fix that and rerun the same command") from None
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        _remove_tree(tmp)
     return CacheStore(location)
+
+
+def settle_zarr_writes(timeout: float = 30.0) -> None:
+    """Wait for Zarr writes still in flight. Zarr writes a region's chunks
+    concurrently in its event loop; when one fails (a full disk) the others go on,
+    and would recreate files after a cleanup, or warn at exit."""
+    import asyncio
+
+    from zarr.core.sync import sync
+
+    async def drain() -> None:
+        me = asyncio.current_task()
+        others = [t for t in asyncio.all_tasks() if t is not me]
+        if others:
+            await asyncio.wait(others, timeout=timeout)
+
+    try:
+        sync(drain())
+    except Exception as exc:  # only a cleanup aid; the original error is what the user sees
+        log.debug("waiting for Zarr writes failed: %s", exc)
+
+
+def _remove_tree(path: Path) -> None:
+    for _ in range(40):
+        if not path.exists():
+            return
+        shutil.rmtree(path, ignore_errors=True)
+        if path.exists():
+            time.sleep(0.05)
 
 
 def _fsync_tree(root: Path) -> None:

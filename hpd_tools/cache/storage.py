@@ -190,6 +190,26 @@ class Location:
             return zarr.open_group(wrap(store) if wrap else store, mode=mode)
 
 
+def check_writable(path: Path, where: str) -> None:
+    """Fail in one line, before any expensive work, when nothing can be written at
+    ``path`` (a folder to create or fill): a file in the way, a read-only or full
+    filesystem, no permission. A probe file is created and removed in the folder
+    itself when it exists, else in its nearest existing parent."""
+    import tempfile
+
+    folder = path
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise CacheError(f"{where}: {folder} is a file, not a folder; choose a location under a folder")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".hpd-write-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise CacheError(f"{where}: cannot write under {folder} ({os_problem(exc)}); choose a writable location") from None
+
+
 def os_problem(exc: OSError) -> str:
     """An OSError from a local filesystem, for a person: the cause, without a traceback."""
     import errno

@@ -36,6 +36,7 @@ from ..progress import Progress
 from . import codec
 from .reader import check_offsets, read_rows
 from .layout import ARRAYS, FORMAT_VERSION, CacheStore, Location, Plan, as_location, cache_home, caches_under, create_cache, is_cache
+from .storage import check_writable
 
 log = logging.getLogger(__name__)
 
@@ -296,6 +297,9 @@ def build_cache(config: CacheConfig, teacher: TeacherEngine | None = None, dry_r
         complete = is_cache(out) and CacheStore(out).key == key and CacheStore(out).complete
         return CacheResult(location=str(out), key=key, complete=complete, already_complete=complete, sequences=len(examples),
                            tokens=plan.n_tokens, response_tokens=int(plan.loss_mask.sum()), units_total=plan.n_units, data=report.as_dict())
+    if out.local is not None and not (is_cache(out) and CacheStore(out).complete):
+        # Before the teacher loads: a run that cannot write its output fails now, in one line.
+        check_writable(out.local, f"--out {out}" if config.out else f"the cache root {out.parent} ($HPD_CACHE_HOME)")
     if is_cache(out):
         store = CacheStore(out)
         if store.key != key:
