@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
+import json
+import types
+import typing
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
+
+from ..errors import HPDError
 
 
 @dataclass
@@ -33,3 +39,72 @@ class TeacherEngine(Protocol):
 
     def close(self) -> None:
         ...
+
+
+def _matches(value: Any, annotation: Any) -> bool | None:
+    """Whether ``value`` fits ``annotation``: True, False, or None where that cannot be
+    told cheaply (a config class, an enum, a forward reference)."""
+    if annotation is Any:
+        return True
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if annotation is str:
+        return isinstance(value, str)
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        return value in typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        results = [_matches(value, member) for member in typing.get_args(annotation)]
+        return True if True in results else (None if None in results else False)
+    if origin in (list, set, frozenset, tuple):
+        if not isinstance(value, (list, tuple, set, frozenset)):
+            return False
+        args = typing.get_args(annotation)
+        if origin is not tuple and len(args) == 1:
+            results = [_matches(item, args[0]) for item in value]
+            return False if False in results else (None if None in results else True)
+        return True
+    if origin is dict or annotation is dict:
+        return isinstance(value, dict)
+    return None
+
+
+def _describe(annotation: Any) -> str:
+    if typing.get_origin(annotation) is typing.Literal:
+        values = [json.dumps(a) for a in typing.get_args(annotation)]
+        return "one of " + ", ".join(values[:8]) + (f" (or {len(values) - 8} more)" if len(values) > 8 else "")
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_describe(member) for member in typing.get_args(annotation))
+    if annotation is type(None):
+        return "null"
+    if isinstance(annotation, type):
+        return {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping"}.get(annotation, annotation.__name__)
+    return str(annotation).replace("typing.", "")
+
+
+def check_options(args: dict[str, Any], accepted: dict[str, Any], *, where: str, owner: str, listing: str, reserved: dict[str, str] | None = None) -> None:
+    """Refuse, in one line, an option ``owner`` does not take (with the nearest valid
+    names, else ``listing``: where the options are listed), one set from another
+    option (``reserved``: key -> what to use instead), or a value of the wrong type.
+
+    ``accepted`` maps each option name to its type annotation; a value whose fit
+    cannot be told cheaply is left for the engine to judge.
+    """
+    for key, value in args.items():
+        shown = f"{where} {key}={json.dumps(value, default=str)}"
+        if reserved and key in reserved:
+            raise HPDError(f"{shown}: hpd-tools sets {key} itself; use {reserved[key]}")
+        if key not in accepted:
+            names = list(accepted)
+            near = difflib.get_close_matches(key, names, n=3, cutoff=0.6) or difflib.get_close_matches(key, names, n=3, cutoff=0.4)
+            names_near = ", ".join(near[:-1]) + " or " + near[-1] if len(near) > 1 else "".join(near)
+            hint = f"did you mean {names_near}? ({listing})" if near else listing
+            raise HPDError(f"{shown}: {owner} has no option {key!r}; {hint}")
+        if _matches(value, accepted[key]) is False:
+            raise HPDError(f"{shown}: {owner} expects {_describe(accepted[key])} for {key}")

@@ -13,7 +13,10 @@ requests run; when the installed vLLM does not have that method, or
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import gc
+import inspect
 import logging
 import os
 from typing import Any, Sequence
@@ -21,13 +24,56 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from .base import Scored
+from .base import Scored, check_options
 
 log = logging.getLogger(__name__)
 
 
 def _on_cpu() -> bool:
     return not torch.cuda.is_available()
+
+
+def _cpu_environment() -> None:
+    """On a CPU-only machine: the engine core in this process (it doubles throughput
+    on a few cores) and a bounded KV cache. Set before vLLM is imported."""
+    if _on_cpu():
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+
+
+# Engine options this engine sets from its own arguments, and what to use instead.
+ENGINE_SETS = {"model": "the teacher folder", "max_logprobs": "top-k (the engine sets it to k)"}
+
+
+@functools.lru_cache(maxsize=1)
+def vllm_engine_options() -> dict[str, Any]:
+    """Every keyword ``vllm.LLM`` takes, with its type annotation: LLM's own keyword
+    parameters and the fields of ``vllm.engine.arg_utils.EngineArgs``, to which LLM
+    passes every other keyword (an unknown one fails there with a traceback)."""
+    _cpu_environment()
+    from vllm import LLM
+    from vllm.engine.arg_utils import EngineArgs
+
+    options = {f.name: f.type for f in dataclasses.fields(EngineArgs) if f.init}
+    for name, param in inspect.signature(LLM.__init__).parameters.items():
+        if param.kind is inspect.Parameter.KEYWORD_ONLY:
+            options[name] = param.annotation
+    return options
+
+
+def check_vllm_args(engine_args: dict[str, Any] | None, *, where: str = "--vllm-arg", reserved: dict[str, str] | None = None) -> None:
+    """Refuse, in one line naming ``where KEY``, a key ``vllm.LLM`` does not take (with
+    the nearest valid names), a value of the wrong type where its annotation tells,
+    or a key set from another option (``reserved``: key -> the option to use; the
+    engine's own :data:`ENGINE_SETS` always). Call it before the engine starts; it
+    imports vLLM (a few seconds) only when there are arguments to check.
+    """
+    if not engine_args:
+        return
+    import vllm
+
+    check_options(engine_args, vllm_engine_options(), where=where, owner=f"vLLM {vllm.__version__}",
+                  listing="the options are the fields of vllm.engine.arg_utils.EngineArgs", reserved={**ENGINE_SETS, **(reserved or {})})
 
 
 class _TensorChunks(list):
@@ -76,7 +122,8 @@ class VLLMTeacher:
     On a CPU-only machine it runs the engine core in this process
     (``VLLM_ENABLE_V1_MULTIPROCESSING=0``), which doubles throughput on a few
     cores, and uses float32 (no native bf16). ``engine_args`` pass through to
-    ``vllm.LLM`` (tensor_parallel_size, gpu_memory_utilization, ...).
+    ``vllm.LLM`` (tensor_parallel_size, gpu_memory_utilization, ...), checked
+    first by :func:`check_vllm_args`.
     """
 
     name = "vllm"
@@ -92,11 +139,10 @@ class VLLMTeacher:
         tensor_logprobs: bool = True,
         engine_args: dict[str, Any] | None = None,
     ):
-        if _on_cpu():
-            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-            if dtype == "auto":
-                dtype = "float32"
+        _cpu_environment()
+        if _on_cpu() and dtype == "auto":
+            dtype = "float32"
+        check_vllm_args(engine_args, where="engine_args")
         import vllm
         from vllm import LLM
 
