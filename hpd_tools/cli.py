@@ -161,8 +161,12 @@ def cache(ctx: click.Context, config_path: str | None, as_json: bool, **_: Any) 
         config = build(CacheConfig, values, where=f"--config {config_path}" if config_path else "cache options")
         if workers < 1:
             raise HPDError(f"--workers {workers}: must be at least 1")
+        if gpus_per_worker is not None and gpus_per_worker < 1:
+            raise HPDError(f"--gpus-per-worker {gpus_per_worker}: must be at least 1")
+        config.validate()  # before the teacher is imported, the data read or writers started
         config.teacher = resolve_teacher(config.teacher)  # once, before writers start (it may import the packaged teacher)
         if workers > 1:
+            config.validate()  # again, now that the teacher's folder (its vocabulary) is known
             from .cache import cache_info
             from .launch import launch_writers
 
