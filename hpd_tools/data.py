@@ -4,15 +4,24 @@ Records are either chat (a list of ``{"role", "content"}`` messages, where the
 assistant turns are the response) or ``prompt``/``response`` pairs. Files are
 JSONL, JSON, Parquet or a folder written by ``datasets.Dataset.save_to_disk``.
 
-Only response tokens carry a training signal. A bad record is skipped and
-counted, or with ``strict`` stops the run with a one-line error naming the file
-and row.
+Text files are UTF-8 (a leading byte-order mark is dropped) or UTF-16/UTF-32,
+told by their BOM or, without one, by JSON's own rule on the zero bytes around
+the first characters. Parquet is streamed with pyarrow.
+
+Only response tokens carry a training signal. A bad record (malformed JSON, a
+line that is not valid UTF-8, missing fields) is skipped and counted, or with
+``strict`` stops the run with a one-line error naming the file and row. A file
+that cannot be read as a whole (unreadable, compressed, corrupt Parquet, a
+damaged ``datasets`` folder, UTF-16 that does not decode) and a file that yields
+no usable record stop the run with a one-line error naming the file.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,49 +92,206 @@ class _BadRow(Exception):
     """A row-level problem; becomes a skip or, with strict, a DataError."""
 
 
-def _iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield (row number, raw record). Rows of JSONL are line numbers (1-based)."""
-    suffix = path.suffix.lower()
-    if path.is_dir():
-        import datasets
+# Byte signatures of files that are not JSON text (JSON text never starts with these bytes).
+_NOT_TEXT = (
+    (b"\x1f\x8b", "gzip-compressed", "decompress it first (gunzip)"),
+    (b"(\xb5/\xfd", "zstd-compressed", "decompress it first (unzstd)"),
+    (b"BZh", "bzip2-compressed", "decompress it first (bunzip2)"),
+    (b"\xfd7zXZ\x00", "xz-compressed", "decompress it first (unxz)"),
+    (b"PK\x03\x04", "a zip archive", "unpack it first"),
+    (b"PAR1", "a Parquet file", "give it a .parquet name"),
+)
+_ESCAPED = re.compile("[\udc80-\udcff]")  # bytes that did not decode, under errors="surrogateescape"
 
-        try:
-            ds = datasets.load_from_disk(str(path))
-        except Exception as exc:  # datasets raises several types for a foreign folder
-            raise DataError(f"{path}: not a saved `datasets` folder ({exc}); give a JSONL, JSON or Parquet file") from None
-        if isinstance(ds, datasets.DatasetDict):
-            if "train" not in ds:
-                raise DataError(f"{path}: dataset has splits {sorted(ds)} but no 'train'; save the split to use on its own")
-            ds = ds["train"]
-        for i, record in enumerate(ds):
-            yield i, record
-    elif suffix in (".jsonl", ".ndjson"):
-        with path.open("r", encoding="utf-8") as f:
+
+def _one_line(exc: BaseException) -> str:
+    """A library's error message on one line, short enough to quote."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 240 else text[:237] + "..."
+
+
+def _text_encoding(path: Path) -> str:
+    """The encoding of a JSON/JSONL file, from its first bytes.
+
+    A byte-order mark (UTF-8, UTF-16, UTF-32) decides; without one, the
+    pattern of zero bytes around the first (ASCII) characters does, as JSON's
+    RFC 4627 prescribes (``json.detect_encoding``). Compressed files and
+    Parquet under a JSON name are refused by their signature.
+    """
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file ({exc.strerror or _one_line(exc)}); check that it is a readable file") from None
+    for magic, what, todo in _NOT_TEXT:
+        if head.startswith(magic):
+            raise DataError(f"{path}: the file is {what}, not JSON text; {todo}")
+    return json.detect_encoding(head)
+
+
+def _encoding_name(encoding: str) -> str:
+    return {"utf-8-sig": "UTF-8"}.get(encoding, encoding.upper())
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """Lines of a JSONL file: (line number, record or _BadRow).
+
+    UTF-8 files (a BOM is dropped) are read with undecodable bytes escaped, so
+    a line that is not valid UTF-8 is one bad row naming its byte offset, like
+    a line of malformed JSON. UTF-16/32 files are read with their codec; a
+    decoding error there stops the read (the stream cannot be resynchronised).
+    """
+    encoding = _text_encoding(path)
+    utf8 = encoding in ("utf-8", "utf-8-sig")
+    offset = 3 if encoding == "utf-8-sig" else 0
+    lineno = 0
+    try:
+        with path.open("r", encoding=encoding, errors="surrogateescape" if utf8 else "strict", newline="") as f:
             for lineno, line in enumerate(f, start=1):
+                start = offset
+                if utf8:
+                    raw_len = len(line) if line.isascii() else len(line.encode("utf-8", "surrogateescape"))
+                    offset += raw_len
+                if line.startswith("\ufeff"):  # files concatenated with their BOMs
+                    line, start = line[1:], start + 3
                 if not line.strip():
+                    continue
+                bad = _ESCAPED.search(line) if utf8 and not line.isascii() else None
+                if bad:
+                    at = start + len(line[: bad.start()].encode("utf-8"))
+                    yield lineno, _BadRow(f"not valid UTF-8 (byte 0x{ord(bad.group()) - 0xDC00:02x} at byte offset {at} of the file; re-encode the file as UTF-8)")
                     continue
                 try:
                     yield lineno, json.loads(line)
                 except json.JSONDecodeError as exc:
                     yield lineno, _BadRow(f"malformed JSON ({exc.msg} at column {exc.colno})")
-    elif suffix == ".json":
-        try:
-            records = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); fix the file or convert it to JSONL, one record per line") from None
-        if isinstance(records, dict):
-            records = records.get("data", records.get("records"))
-        if not isinstance(records, list):
-            raise DataError(f"{path}: expected a JSON list of records (or {{\"data\": [...]}})")
-        yield from enumerate(records)
-    elif suffix == ".parquet":
-        import datasets
+    except UnicodeDecodeError as exc:  # UTF-16/32: find where, reading the file again (only on this error)
+        raise DataError(f"{path} {_undecodable_at(path, encoding, exc)}; re-encode the file as UTF-8") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file after line {lineno} ({exc.strerror or _one_line(exc)}); check the file and the disk") from None
 
-        ds = datasets.Dataset.from_parquet(str(path))
-        for i, record in enumerate(ds):
-            yield i, record
-    else:
+
+def _undecodable_at(path: Path, encoding: str, exc: UnicodeDecodeError, raw: bytes | None = None) -> str:
+    """'line L: not valid ENC (byte 0xNN at byte offset N: reason)' for the first undecodable byte of a file.
+
+    A text stream decodes in blocks, so its error does not say where the
+    block started; decoding the bytes whole does.
+    """
+    if raw is None:
+        raw = path.read_bytes()
+        try:
+            raw.decode(encoding)
+        except UnicodeDecodeError as whole:
+            exc = whole
+    line = len(re.findall(r"\r\n|\r|\n", raw[: exc.start].decode(encoding, errors="replace"))) + 1
+    return f"line {line}: not valid {_encoding_name(encoding)} (byte 0x{raw[exc.start]:02x} at byte offset {exc.start}: {exc.reason})"
+
+
+def _json_records(path: Path) -> list[Any]:
+    """The records of a JSON file: a list, or an object holding one under "data" or "records"."""
+    encoding = _text_encoding(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file ({exc.strerror or _one_line(exc)}); check that it is a readable file") from None
+    if not raw.strip():
+        return []
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path} {_undecodable_at(path, encoding, exc, raw)}; re-encode the file as UTF-8") from None
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: malformed JSON at line {exc.lineno} column {exc.colno} ({exc.msg}); fix the file or convert it to JSONL, one record per line") from None
+    if isinstance(records, dict):
+        records = records.get("data", records.get("records"))
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of records (or {{\"data\": [...]}})")
+    return records
+
+
+def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """Rows of a Parquet file, streamed batch by batch with pyarrow (row numbers from 0).
+
+    A file pyarrow cannot read (not Parquet, truncated, a corrupt page) stops
+    the read with one line: Parquet damage is per page, not per row.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        with path.open("rb") as f:  # Python's own error for an unreadable file; pyarrow then reads it natively
+            if not f.read(1):
+                return
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the file ({exc.strerror or _one_line(exc)}); check that it is a readable file") from None
+    row = 0
+    try:
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for record in batch.to_pylist():
+                yield row, record
+                row += 1
+    except (pa.ArrowException, OSError, ValueError) as exc:  # ArrowInvalid, ArrowIOError; a string column that is not UTF-8
+        where = f" near row {row}" if row else ""
+        raise DataError(f"{path}: not a readable Parquet file, corrupt or truncated{where} ({_one_line(exc)}); write the file again") from None
+
+
+def _folder_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """Rows of a folder written by ``datasets`` ``save_to_disk`` (its "train" split for a DatasetDict)."""
+    try:
+        names = {p.name for p in path.iterdir()}
+    except OSError as exc:
+        raise DataError(f"{path}: cannot list the folder ({exc.strerror or _one_line(exc)}); check its permissions") from None
+    import datasets
+    import pyarrow as pa
+
+    is_dataset = {datasets.config.DATASET_INFO_FILENAME, datasets.config.DATASET_STATE_JSON_FILENAME} <= names
+    if not is_dataset and datasets.config.DATASETDICT_JSON_FILENAME not in names:
+        raise DataError(
+            f"{path}: a folder, but not a saved `datasets` folder (no {datasets.config.DATASET_STATE_JSON_FILENAME} or "
+            f"{datasets.config.DATASETDICT_JSON_FILENAME}); give a JSONL, JSON or Parquet file, or a folder written by save_to_disk"
+        )
+    # What a damaged folder raises: Arrow errors for a truncated or foreign .arrow file, OSError
+    # for a missing one, ValueError (JSON, UTF-8, features), KeyError/TypeError/AttributeError for
+    # metadata JSON of the wrong shape.
+    damaged = (pa.ArrowException, OSError, ValueError, KeyError, TypeError, AttributeError)
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except PermissionError as exc:
+        raise DataError(f"{path}: cannot read a file of the saved `datasets` folder ({exc.strerror}: {exc.filename}); check its permissions") from None
+    except damaged as exc:
+        raise DataError(f"{path}: the saved `datasets` folder is damaged ({type(exc).__name__}: {_one_line(exc)}); save the dataset again") from None
+    if isinstance(ds, datasets.DatasetDict):
+        if "train" not in ds:
+            raise DataError(f"{path}: dataset has splits {sorted(ds)} but no 'train'; save the split to use on its own")
+        ds = ds["train"]
+    row = 0
+    try:
+        for record in ds:
+            yield row, record
+            row += 1
+    except damaged as exc:
+        raise DataError(f"{path}: the saved `datasets` folder is damaged near row {row} ({type(exc).__name__}: {_one_line(exc)}); save the dataset again") from None
+
+
+def _iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
+    """Yield (row number, raw record or _BadRow). Rows of JSONL are line numbers (1-based).
+
+    An empty file has no rows, whatever its format. A file that cannot be
+    read, decoded or parsed as a whole raises a one-line DataError naming it.
+    """
+    suffix = path.suffix.lower()
+    if path.is_dir():
+        yield from _folder_rows(path)
+    elif suffix not in (".jsonl", ".ndjson", ".json", ".parquet"):
         raise DataError(f"{path}: unknown data format '{suffix}'; use .jsonl, .json, .parquet or a saved datasets folder")
+    elif suffix in (".jsonl", ".ndjson"):
+        yield from _jsonl_rows(path)
+    elif suffix == ".json":
+        yield from enumerate(_json_records(path))
+    else:
+        yield from _parquet_rows(path)
 
 
 def as_object(record: Any) -> dict[str, Any]:
@@ -253,8 +419,7 @@ def read_examples(
     a record whose response starts after the cut is skipped.
     """
     path = Path(path)
-    if not path.exists():
-        raise DataError(f"--data {path}: no such file or folder")
+    check_data_path(path)
     tokenise = Tokenise(tokenizer)
     report = DataReport(path=str(path))
     examples: list[Example] = []
@@ -286,5 +451,41 @@ def read_examples(
         )
         report.kept += 1
     if not examples:
-        raise DataError(f"{path}: no usable records ({report.rows} rows read, {sum(report.skipped.values())} skipped: {dict(report.skipped)})")
+        raise DataError(f"{path}: no usable records, nothing to cache: {_why_nothing(path, report)}")
     return examples, report
+
+
+def _why_nothing(path: Path, report: DataReport) -> str:
+    """Why a file gave no records, and what to do: the end of a one-line error."""
+    if report.rows == 0:
+        if path.is_file() and path.stat().st_size == 0:
+            return "the file is empty (0 bytes); check that it was written completely"
+        if path.suffix.lower() in (".jsonl", ".ndjson") and not path.is_dir():
+            return "the file holds only blank lines (0 rows read); give a file with one JSON record per line"
+        return "the dataset has no rows (0 rows read)"
+    reasons = "; ".join(
+        f"{reason}: {n} (first rows {report.first_rows[reason]})" for reason, n in report.skipped.most_common()
+    )
+    todo = "fix the records, or run with --strict to stop at the first bad one"
+    if set(report.skipped) == {"not valid UTF-8"}:
+        todo = "the file is not UTF-8 text: re-encode it as UTF-8, or check that it is the data file"
+    return f"all {report.rows} rows read were skipped ({reasons}); {todo}"
+
+
+def check_data_path(path: Path) -> None:
+    """Raise a one-line DataError when ``path`` cannot be the data: missing, a broken link, or under a file."""
+    try:
+        os.stat(path)
+        return
+    except PermissionError as exc:  # a folder on the way that may not be searched
+        raise DataError(f"--data {path}: cannot be reached ({exc.strerror}); check the permissions of the folders on its path") from None
+    except OSError:  # missing, a dangling or looping link, a path through a file
+        pass
+    if path.is_symlink():
+        raise DataError(f"--data {path}: a broken symbolic link (to {path.readlink()}); point it at the data file")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataError(f"--data {path}: {parent} is a file, not a folder; check the path")
+            break
+    raise DataError(f"--data {path}: no such file or folder")

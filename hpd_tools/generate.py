@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import Fields, _BadRow, _iter_rows, as_object
+from .data import Fields, _BadRow, _iter_rows, as_object, check_data_path
 from .errors import DataError, HPDError
 from .progress import Progress
 
@@ -75,8 +75,7 @@ def generate_responses(config: GenerateConfig, llm: Any = None) -> dict[str, Any
     from transformers import AutoTokenizer
 
     path = Path(config.data)
-    if not path.exists():
-        raise DataError(f"--data {path}: no such file or folder")
+    check_data_path(path)
     tokenizer = AutoTokenizer.from_pretrained(config.teacher)
     if not getattr(tokenizer, "chat_template", None):
         raise HPDError(f"--teacher {config.teacher}: no chat template; generation needs one to render prompts")
