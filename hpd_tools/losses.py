@@ -181,7 +181,6 @@ class _Buckets:
     lp_floor: Tensor  # [T, B] same, tail mass floored at TAIL_MASS_FLOOR
     teacher_tail: Tensor  # [T]
     student_tail: Tensor  # [T]
-    present: Tensor  # bool [T, B]: False for dropped top-k entries (-inf on both sides)
 
 
 def _tail_mass(lt_topk: Tensor) -> Tensor:
@@ -194,7 +193,7 @@ def _buckets(s: _Student, top: _Topk) -> _Buckets:
     lq = torch.where(top.keep, s.at(top.ids), float("-inf"))
     if lt.shape[-1] >= s.vocab:
         zero = lt.new_zeros(lt.shape[0])
-        return _Buckets(lq, lt, lt, zero, zero, top.keep)
+        return _Buckets(lq, lt, lt, zero, zero)
     tail = _tail_mass(lt)  # dropped mass included: its log-prob is -inf
     # Placeholders repeat a kept id of their row, so the scatter in outside() is
     # still exact; a row with nothing kept has all the student's mass outside.
@@ -205,7 +204,6 @@ def _buckets(s: _Student, top: _Topk) -> _Buckets:
         lp_floor=torch.cat([lt, tail.clamp(min=TAIL_MASS_FLOOR).log().unsqueeze(-1)], dim=-1),
         teacher_tail=tail,
         student_tail=lq_rest.detach().exp(),
-        present=torch.cat([top.keep, top.keep.new_ones(lt.shape[0], 1)], dim=-1),
     )
 
 
@@ -333,10 +331,9 @@ def jsd(logits: Tensor, t: Targets, *, beta: float = 0.5) -> LossOutput:
     elif beta == 1.0:
         loss = _kl(b.lq, b.lp_floor)
     else:
-        # Dropped entries are -inf on both sides; logsumexp's backward of all -inf is
-        # NaN, so they enter as 0 (their weight is 0 either way).
-        lp, lq = torch.where(b.present, b.lp, 0.0), torch.where(b.present, b.lq, 0.0)
-        lm = torch.logsumexp(torch.stack([lp + math.log(beta), lq + math.log1p(-beta)]), dim=0)
+        # Dropped entries are -inf on both sides: lm is -inf there, and the NaN that
+        # logsumexp's backward makes of it stops at the constant -inf in _buckets' where.
+        lm = torch.logsumexp(torch.stack([b.lp + math.log(beta), b.lq + math.log1p(-beta)]), dim=0)
         loss = beta * _kl(b.lp, lm) + (1.0 - beta) * _kl(b.lq, lm)
     return LossOutput(loss.sum(), a.labels.shape[0], {"jsd": _sum(loss), "dropped_mass": _sum(top.dropped)})
 

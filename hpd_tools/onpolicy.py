@@ -15,6 +15,13 @@ own samples, per sampled token ``log pi_s(y) - log p_T(y)`` (pi_s at
 temperature 1, whatever the sampling temperature), and the teacher's NLL of
 them.
 
+The online teacher may be wider or narrower than the student (one tokenizer,
+embeddings padded to different sizes). Its top-k ids are never indexed into the
+student's logits here: rollouts go through the losses, which drop ids past the
+student's width (hpd_tools.losses, "Widths"). The other way round, a student
+wider than the teacher can sample an id the teacher has no row for: such a
+continuation is cut before that token (``onpolicy/frac_cut_past_teacher``).
+
 A teacher that cannot be reached (server down, timeouts after retries) does
 not stop training: the round is skipped with a warning in the log and
 ``onpolicy/teacher_unavailable`` in the metrics; training goes on with the
@@ -93,6 +100,19 @@ def rollout_from(prompt: np.ndarray, completion: np.ndarray, scored: Scored, tru
     ids[: n - 1][mask[: n - 1]] = scored.topk_ids[mask[: n - 1]]
     lps[: n - 1][mask[: n - 1]] = scored.topk_logprobs[mask[: n - 1]]
     return Rollout(tokens, mask, label, ids, lps, truncated)
+
+
+def _within_width(completions: list[tuple[np.ndarray, bool]], ls: list[np.ndarray], width: int) -> tuple[list[tuple[np.ndarray, bool]], list[np.ndarray], int]:
+    """Each continuation cut before its first token >= ``width`` (the teacher has no
+    row for it), with its student log-probs; marked truncated. Also the count cut."""
+    out, out_ls, cut = [], [], 0
+    for (comp, truncated), lp in zip(completions, ls):
+        past = np.flatnonzero(comp >= width)
+        if len(past):
+            comp, lp, truncated, cut = comp[: past[0]], lp[: past[0]], True, cut + 1
+        out.append((comp, truncated))
+        out_ls.append(lp)
+    return out, out_ls, cut
 
 
 class OnPolicy:
@@ -211,13 +231,16 @@ class OnPolicy:
         completions = self._sample(model, prompts, device, lockstep)
         sample_s = time.time() - t0
         ls = self._student_logprobs(model, prompts, [comp for comp, _ in completions], device)
-        sequences = [np.concatenate([p, comp]) for p, (comp, _) in zip(prompts, completions)]
         t0 = time.time()
         try:
             if self.teacher is None:
                 self.teacher = make_online_teacher(c.online_teacher, engine=c.online_engine, k=self.k, max_length=self.max_length, engine_args=c.online_engine_args)
-                if self.expected_vocab and self.teacher.vocab_size != self.expected_vocab:
-                    raise HPDError(f"--online-teacher {c.online_teacher}: vocabulary {self.teacher.vocab_size}, the cache's teacher has {self.expected_vocab}; the online teacher must share the cache's tokenizer")
+                # A folder's tokenizer is compared by hash (distill); a server's only by its width.
+                url = c.online_teacher.startswith(("http://", "https://"))
+                if url and self.expected_vocab and self.teacher.vocab_size != self.expected_vocab:
+                    raise HPDError(f"--online-teacher {c.online_teacher}: logits width {self.teacher.vocab_size}, the cache's teacher has {self.expected_vocab}; serve the cache's teacher (or a model with its tokenizer and width)")
+            completions, ls, cut = _within_width(completions, ls, self.teacher.vocab_size)
+            sequences = [np.concatenate([p, comp]) for p, (comp, _) in zip(prompts, completions)]
             scores = self.teacher.score(sequences, self.k)
         except TeacherUnavailable as exc:
             self.unavailable += 1
@@ -227,7 +250,7 @@ class OnPolicy:
         rollouts = [rollout_from(p, comp, sc, trunc) for p, (comp, trunc), sc in zip(prompts, completions, scores)]
         lt = [r.label_logprob[:-1][r.loss_mask[:-1]] for r in rollouts]
         n_sampled = sum(len(x) for x in lt)
-        self.buffer.extend(rollouts)
+        self.buffer.extend(r for r in rollouts if r.loss_mask.any())  # a continuation cut to nothing trains nothing
         gen_tokens = sum(len(comp) for comp, _ in completions)
         return {
             "onpolicy/rkl": float(sum((a - b).sum() for a, b in zip(ls, lt)) / max(n_sampled, 1)),
@@ -239,6 +262,7 @@ class OnPolicy:
             "onpolicy/sample_seconds": sample_s,
             "onpolicy/score_seconds": score_s,
             "onpolicy/buffer": len(self.buffer),
+            "onpolicy/frac_cut_past_teacher": cut / len(completions),
             "onpolicy/teacher_unavailable": 0,
         }
 
