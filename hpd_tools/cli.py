@@ -64,12 +64,13 @@ def _parse_shard(ctx: click.Context | None, param: click.Parameter | None, value
     return index, count
 
 
-def _parse_engine_args(values: tuple[str, ...]) -> dict[str, Any]:
+def _parse_engine_args(values: tuple[str, ...], option: str = "--vllm-arg") -> dict[str, Any]:
+    """KEY=VALUE items of a repeatable ``option``: VALUE as JSON, else as a string."""
     args = {}
     for item in values:
         key, sep, raw = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"{item!r}: expected KEY=VALUE", param_hint="--vllm-arg")
+        if not sep or not key:
+            raise HPDError(f"{option} {item!r}: expected KEY=VALUE")
         try:
             args[key.replace("-", "_")] = json.loads(raw)
         except json.JSONDecodeError:
@@ -190,21 +191,27 @@ def cache(ctx: click.Context, config_path: str | None, as_json: bool, **_: Any) 
 @click.option("--cache", "caches", multiple=True, help="Teacher cache to train on. Repeat to mix several.")
 @click.option("--cache-weight", "cache_weights", multiple=True, type=float, help="Sampling weight of each --cache, in order.")
 @click.option("--student", default=None, help="Student model folder (any transformers causal LM).")
-@click.option("--out", default=None, help="Run folder: metrics.jsonl, checkpoints, final/.")
+@click.option("--out", default=None, help="Run folder: metrics.jsonl, checkpoints, final/. New, empty, or an earlier run (with --resume).")
 @click.option("--loss", type=click.Choice(["hpd", "sft", "fkl", "rkl", "jsd", "akl"]), default="hpd", show_default=True)
 @click.option("--loss-option", multiple=True, help="KEY=VALUE passed to the loss (e.g. tail=renormalize, beta=0.5). Repeatable.")
 @click.option("--max-steps", default=100, show_default=True)
 @click.option("--batch-tokens", default=4096, show_default=True, help="Padded tokens per micro-batch.")
 @click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step.")
 @click.option("--lr", default=5e-5, show_default=True)
+@click.option("--min-lr-ratio", default=0.1, show_default=True, help="The cosine schedule's final learning rate, as a share of --lr.")
 @click.option("--warmup-steps", default=0, show_default=True)
+@click.option("--weight-decay", default=0.0, show_default=True, help="AdamW weight decay.")
+@click.option("--betas", nargs=2, type=float, default=(0.9, 0.95), show_default=True, help="AdamW betas: two numbers in [0, 1).")
+@click.option("--max-grad-norm", default=1.0, show_default=True, help="Gradients are clipped to this norm.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True, help="Autocast dtype for the student's forward pass.")
 @click.option("--loss-chunk-tokens", default=1024, show_default=True, help="Tokens whose [tokens, vocab] logits exist at once.")
 @click.option("--eval-cache", default=None, help="Held-out cache for eval metrics.")
 @click.option("--eval-every", default=0, show_default=True, help="Steps between evals (0: only with --eval-cache at the end).")
+@click.option("--eval-batches", default=0, show_default=True, help="Batches of --eval-cache per eval (0: all of it).")
 @click.option("--save-every", default=0, show_default=True, help="Steps between checkpoints (0: only the final one).")
+@click.option("--log-every", default=1, show_default=True, help="Steps between metrics rows.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--resume", is_flag=True, default=False, help="Continue from the latest checkpoint in --out.")
+@click.option("--resume", is_flag=True, default=False, help="Continue from the latest checkpoint in --out (with the options it was trained with).")
 @click.option("--online-teacher", default=None, help="On-policy scorer: a model folder (in-process) or the URL of a running vLLM server.")
 @click.option("--online-engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True, help="Engine for a folder --online-teacher.")
 @click.option("--sample-every", default=0, show_default=True, help="Steps between on-policy rounds (0: none).")
@@ -232,7 +239,7 @@ def distill(ctx: click.Context, config_path: str | None, **_: Any) -> None:
         if "cache_weights" in given:
             given["cache_weights"] = list(given["cache_weights"])
         if "loss_option" in given:
-            values["loss_options"] = {**values.get("loss_options", {}), **_parse_engine_args(given.pop("loss_option"))}
+            values["loss_options"] = {**values.get("loss_options", {}), **_parse_engine_args(given.pop("loss_option"), "--loss-option")}
         values.update(given)
         for required in ("caches", "student", "out"):
             if not values.get(required):

@@ -55,12 +55,16 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):  # int() would truncate 2.5 or fail on inf
+                raise HPDError(f"{where}: expected an integer, got {value!r}")
             try:
                 return int(value)
             except (TypeError, ValueError):
                 raise HPDError(f"{where}: expected an integer, got {value!r}") from None
         return value
     if hint is float:
+        if isinstance(value, bool):
+            raise HPDError(f"{where}: expected a number, got {value!r}")
         try:
             return float(value)
         except (TypeError, ValueError):

@@ -2,7 +2,9 @@
 
 The loop, top to bottom (``train``):
 
-1. load the student and check its tokenizer against every cache's;
+1. check ``--out`` (absent, empty or an earlier run of distill, writable) and,
+   on resume, that the checkpoint's options are this run's; then load the
+   student and check its tokenizer against every cache's;
 2. build the stream (caches mixed by weight), AdamW, warmup + cosine;
 3. resume from the latest checkpoint when asked: weights, optimizer,
    scheduler, RNG and the stream's exact position;
@@ -20,13 +22,16 @@ The loop, top to bottom (``train``):
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import math
+import numbers
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+import uuid
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +39,8 @@ import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .cache.layout import CacheStore
+from . import __version__
+from .cache.layout import CacheStore, is_cache
 from .cache.reader import Batch, CacheReader
 from .errors import HPDError
 from .hashing import tokenizer_hash
@@ -92,19 +98,34 @@ class DistillConfig:
     pack_width: int = 0
 
     def validate(self) -> None:
+        """Every option's type, range and combination; each error names the option
+        as the command line spells it (recipes go through here too)."""
         if not self.caches:
             raise HPDError("--cache: give at least one cache")
         if self.loss not in LOSSES:
             raise HPDError(f"--loss {self.loss}: choose one of {', '.join(LOSSES)}")
         if self.cache_weights and len(self.cache_weights) != len(self.caches):
-            raise HPDError(f"cache_weights: {len(self.cache_weights)} weights for {len(self.caches)} caches; give one per --cache")
-        if any(w <= 0 for w in self.cache_weights):
-            raise HPDError("cache_weights: weights must be positive")
-        for name in ("max_steps", "batch_tokens", "grad_accum", "loss_chunk_tokens", "log_every"):
-            if getattr(self, name) < 1:
-                raise HPDError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        if self.lr <= 0:
-            raise HPDError(f"--lr {self.lr}: must be positive")
+            raise HPDError(f"--cache-weight: {len(self.cache_weights)} weights for {len(self.caches)} caches; give one per --cache")
+        for w in self.cache_weights:
+            if not (_is_real(w) and math.isfinite(w) and w > 0):
+                raise HPDError(f"--cache-weight {w}: weights must be positive finite numbers")
+        for name, low in _INT_MINIMUMS.items():
+            value = getattr(self, name)
+            if not _is_int(value) or value < low:
+                why = " (one training position is a token and the next token it is trained to predict)" if name == "batch_tokens" else ""
+                raise HPDError(f"{_flag(name)} {value}: must be an integer of at least {low}{why}")
+        if self.seed >= 2**63:
+            raise HPDError(f"--seed {self.seed}: must be below 2**63")
+        for name, low, high, low_open, high_open in _REAL_RANGES:
+            value = getattr(self, name)
+            if not (_is_real(value) and math.isfinite(value)) or value < low or (low_open and value == low) or value > high or (high_open and value == high):
+                if math.isfinite(high):
+                    span = f"a finite number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+                else:
+                    span = "a positive finite number" if low_open else f"a finite number of at least {low:g}"
+                raise HPDError(f"{_flag(name)} {value}: must be {span}")
+        if len(self.betas) != 2 or not all(_is_real(b) and 0.0 <= b < 1.0 for b in self.betas):
+            raise HPDError(f"--betas {' '.join(map(str, self.betas))}: give two numbers in [0, 1)")
         if self.dtype not in ("float32", "bfloat16"):
             raise HPDError(f"--dtype {self.dtype}: choose float32 or bfloat16")
         if self.eval_every and not self.eval_cache:
@@ -113,27 +134,79 @@ class DistillConfig:
             raise HPDError("--sample-every needs --online-teacher")
         if self.online_teacher and not self.sample_every:
             raise HPDError("--online-teacher needs --sample-every N (steps between on-policy rounds)")
-        if not 0.0 <= self.onpolicy_weight <= 1.0:
-            raise HPDError(f"--onpolicy-weight {self.onpolicy_weight}: must be between 0 and 1")
-        if self.sample_temperature <= 0:
-            raise HPDError(f"--sample-temperature {self.sample_temperature}: must be positive")
-        if self.sample_every and (self.sample_prompts < 1 or self.sample_max_new_tokens < 1 or self.onpolicy_buffer < 1):
-            raise HPDError("--sample-prompts, --sample-max-new-tokens and --onpolicy-buffer must be at least 1")
         if self.online_engine not in ("vllm", "hf"):
             raise HPDError(f"--online-engine {self.online_engine}: choose vllm or hf")
-        if self.pack_width < 0 or (self.pack_width and not self.pack):
+        if self.pack_width and not self.pack:
             raise HPDError(f"--pack-width {self.pack_width}: give a positive width, with --pack")
-        if self.warmup_steps < 0 or self.warmup_steps > self.max_steps:
+        if self.warmup_steps > self.max_steps:
             raise HPDError(f"--warmup-steps {self.warmup_steps}: must be between 0 and --max-steps {self.max_steps}")
+        check_loss_options(self.loss, self.loss_options)
+
+
+# Integer options and their smallest value. --batch-tokens: a sequence longer
+# than the budget is a batch of its own, so any budget trains; 2 is the smallest
+# that can hold one training position.
+_INT_MINIMUMS = {
+    "max_steps": 1, "batch_tokens": 2, "grad_accum": 1, "loss_chunk_tokens": 1, "log_every": 1, "seed": 0,
+    "warmup_steps": 0, "save_every": 0, "eval_every": 0, "eval_batches": 0, "pack_width": 0,
+    "sample_every": 0, "sample_prompts": 1, "sample_max_new_tokens": 1, "onpolicy_buffer": 1,
+}
+# Real options: (name, low, high, low excluded, high excluded).
+_REAL_RANGES = [
+    ("lr", 0.0, math.inf, True, False),
+    ("min_lr_ratio", 0.0, 1.0, False, False),
+    ("weight_decay", 0.0, math.inf, False, False),
+    ("max_grad_norm", 0.0, math.inf, True, False),
+    ("sample_temperature", 0.0, math.inf, True, False),
+    ("onpolicy_weight", 0.0, 1.0, False, False),
+]
+
+
+def _flag(name: str) -> str:
+    """A DistillConfig field as the command line spells it."""
+    return {"caches": "--cache", "cache_weights": "--cache-weight", "loss_options": "--loss-option"}.get(name, "--" + name.replace("_", "-"))
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_loss_options(loss: str, options: dict[str, Any]) -> None:
+    """Each ``--loss-option`` a keyword of the loss, with a value it takes.
+
+    The losses check their option values when they run; running the loss once
+    on a one-position input here makes a bad value an error before any model is
+    loaded, not at step 1."""
+    fn = LOSSES[loss]
+    params = {name: p for name, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    for key, value in options.items():
+        if key not in params:
+            raise HPDError(f"--loss-option {key}: --loss {loss} has no such option; its options: {', '.join(params) or 'none'}")
+        if isinstance(params[key].default, float) and not (_is_real(value) and math.isfinite(value)):
+            raise HPDError(f"--loss-option {key}={value}: expected a finite number")
+        probe = Targets(labels=torch.tensor([1]), mask=torch.tensor([True]), label_logprob=torch.tensor([-1.0]), topk_ids=torch.tensor([[1, 2]]),
+                        topk_logprobs=torch.tensor([[-1.0, -2.0]]), noise=torch.tensor([0.5]))
+        try:
+            with torch.no_grad():
+                compute_loss(loss, torch.zeros(1, 4), probe, **{key: value})
+        except HPDError as exc:
+            raise HPDError(f"--loss-option {key}={value}: {exc}") from None
+        except (TypeError, ValueError) as exc:
+            raise HPDError(f"--loss-option {key}={value}: not a value --loss {loss} takes ({exc})") from None
 
 
 # -- pieces the loop uses --------------------------------------------------------
 
-def lr_factor(step: int, config: DistillConfig) -> float:
-    """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``max_steps``."""
+def lr_factor(step: int, config: DistillConfig, horizon: int | None = None) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``horizon``
+    (default ``max_steps``; a resumed run keeps the one it started with), flat after it."""
     if step < config.warmup_steps:
         return (step + 1) / config.warmup_steps
-    span = max(config.max_steps - config.warmup_steps, 1)
+    span = max((horizon or config.max_steps) - config.warmup_steps, 1)
     progress = min((step - config.warmup_steps) / span, 1.0)
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -297,10 +370,11 @@ def _checkpoints(out: Path) -> list[Path]:
     return sorted(p for p in out.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
 
 
-def save_checkpoint(out: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, stream: StepStream | Prefetcher, noise: dict[int, torch.Generator], config: DistillConfig, onpolicy: Any = None, world: World | None = None, metrics_rows: int = 0, rollout_noise: torch.Generator | None = None) -> Path:
+def save_checkpoint(out: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, stream: StepStream | Prefetcher, noise: dict[int, torch.Generator], config: DistillConfig, onpolicy: Any = None, world: World | None = None, metrics_rows: int = 0, rollout_noise: torch.Generator | None = None, run_meta: dict[str, Any] | None = None) -> Path:
     """step-XXXXXX/: the student (HF format), optimizer (keyed by parameter name)
     + scheduler, and meta.json (config, step, every data slot's stream position
-    and RNG, every rank's torch and rollout RNG). Rank 0 writes it under .tmp and renames; a collective under
+    and RNG, every rank's torch and rollout RNG, ``run_meta``: the caches' keys and
+    the schedule's horizon). Rank 0 writes it under .tmp and renames; a collective under
     torchrun (every rank calls it)."""
     world = world or World()
     model_state, optim_state = full_state(model, optimizer, world, fsdp=config.fsdp)
@@ -327,6 +401,7 @@ def save_checkpoint(out: Path, step: int, model: Any, tokenizer: Any, optimizer:
             "slots": slots,
             "ranks": ranks,
             "metrics_rows": metrics_rows,
+            **(run_meta or {}),
         }
         if onpolicy_parts is not None:
             meta["onpolicy"] = [state for state, _ in onpolicy_parts]
@@ -434,25 +509,275 @@ def _noise_generator(seed: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, stream + (1 << 20)]).generate_state(1)[0]))
 
 
-def _find_resume(out: Path, config: DistillConfig, world: World) -> tuple[Path | None, str | None]:
-    """Rank 0's view of --out: the checkpoint to resume from, or why the run may not start."""
+# -- the run folder ----------------------------------------------------------------
+#
+# --out is absent, empty, or a run that distill itself made: a folder with its
+# marker, hpd-run.json (format, version, the run's id and its latest config).
+# Anything else (a model, a cache, a folder of other files, an input's folder)
+# is refused before anything is loaded or written.
+
+RUN_MARKER = "hpd-run.json"
+RUN_FORMAT = "hpd-tools distill run"
+RUN_FORMAT_VERSION = 1
+_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "*.pth", "*.safetensors.index.json")
+
+
+def _local(path: str | None) -> Path | None:
+    """A local input path, resolved; None for a URL or no path."""
+    if not path or ("://" in path and not path.startswith("file://")):
+        return None
+    return Path(path.removeprefix("file://")).expanduser().resolve()
+
+
+def read_run_marker(out: Path) -> dict[str, Any] | None:
+    """The marker of the run in ``out``; None when there is none."""
+    path = out / RUN_MARKER
+    if not path.exists():
+        return None
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise HPDError(f"--out {out}: {RUN_MARKER} is unreadable ({exc}); choose another --out") from None
+    if not isinstance(marker, dict) or marker.get("format") != RUN_FORMAT or not _is_int(marker.get("format_version")):
+        raise HPDError(f"--out {out}: {RUN_MARKER} is not a distill run marker; choose another --out")
+    if marker["format_version"] > RUN_FORMAT_VERSION:
+        raise HPDError(f"--out {out}: a run of a newer hpd-tools (run format {marker['format_version']}, this version reads {RUN_FORMAT_VERSION}); continue it with that version or choose another --out")
+    return marker
+
+
+def _legacy_run(out: Path) -> bool:
+    """A run from before the marker: a config.json holding a DistillConfig (not a
+    model's config) next to metrics or checkpoints. Accepted, and marked when it
+    is continued."""
+    try:
+        values = json.loads((out / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(values, dict) or not {"caches", "student", "loss"} <= set(values) or "model_type" in values:
+        return False
+    return (out / "metrics.jsonl").is_file() or bool(_checkpoints(out))
+
+
+def _model_files(folder: Path) -> list[str]:
+    """What makes ``folder`` a model folder: a model's config.json, weight files."""
+    found = sorted({p.name for pattern in _WEIGHT_FILES for p in folder.glob(pattern)})
+    try:
+        values = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return found
+    return (["config.json"] if isinstance(values, dict) and ("model_type" in values or "architectures" in values) else []) + found
+
+
+def _probe_writable(folder: Path, out: str) -> None:
+    """Create and remove a file in ``folder``: a read-only or full filesystem, or a
+    folder without write permission, stops the run before its expensive work."""
+    probe = folder / f".hpd-write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+        raise HPDError(f"--out {out}: cannot write in {folder} ({exc.strerror or exc}); choose a writable folder") from None
+
+
+def check_out(config: DistillConfig) -> dict[str, Any] | None:
+    """Refuse an ``--out`` that is not absent, empty or an earlier run; check it is
+    writable. Reads only. Returns the earlier run's marker (None for a new folder
+    or a run from before markers)."""
+    raw = config.out
+    if "://" in raw:
+        raise HPDError(f"--out {raw}: the run folder must be a local path")
+    target = Path(raw).resolve()
+    inputs = [("--student", config.student), *(("--cache", c) for c in config.caches), ("--eval-cache", config.eval_cache),
+              ("--prompt-cache", config.prompt_cache), ("--online-teacher", config.online_teacher)]
+    for flag, given in inputs:
+        path = _local(given)
+        if path is None:
+            continue
+        if path == target:
+            raise HPDError(f"--out {raw}: is the {flag} folder; distill writes checkpoints, metrics and final/ into --out: choose a new folder")
+        if path in target.parents:
+            raise HPDError(f"--out {raw}: is inside the {flag} folder {given}; choose a folder outside the inputs")
+        if target in path.parents:
+            raise HPDError(f"{flag} {given}: is inside --out {raw}, where distill replaces checkpoints and final/; copy it elsewhere or choose another --out")
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    if not existing.is_dir():
+        raise HPDError(f"--out {raw}: " + ("a file, not a folder" if existing == target else f"under {existing}, which is a file") + "; choose a folder")
+    for folder in (existing, *existing.parents):
+        if (folder / "zarr.json").is_file() and is_cache(folder):
+            raise HPDError(f"--out {raw}: {'is' if folder == target else 'is inside'} the hpd-tools cache {folder}; choose a folder outside caches")
+    marker = None
+    if existing == target:
+        model = _model_files(target)
+        if model:
+            raise HPDError(f"--out {raw}: holds a model ({', '.join(model[:3])}); distill never writes into a model folder: choose a new or empty folder")
+        marker = read_run_marker(target)
+        if marker is None and not _legacy_run(target):
+            try:
+                entries = sorted(p.name for p in target.iterdir())
+            except OSError as exc:
+                raise HPDError(f"--out {raw}: cannot list it ({exc.strerror or exc}); choose another folder") from None
+            if entries:
+                shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
+                raise HPDError(f"--out {raw}: not empty ({shown}) and not a distill run (no {RUN_MARKER}); choose a new or empty folder")
+    _probe_writable(existing, raw)
+    return marker
+
+
+def _write_run_marker(out: Path, previous: dict[str, Any] | None, config: DistillConfig) -> dict[str, Any]:
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    previous = previous or {}
+    marker = {"format": RUN_FORMAT, "format_version": RUN_FORMAT_VERSION, "run_id": previous.get("run_id") or uuid.uuid4().hex,
+              "created": previous.get("created") or now, "updated": now, "hpd_tools_version": __version__, "config": asdict(config)}
+    tmp = out / f".{RUN_MARKER}.tmp"
+    tmp.write_text(json.dumps(marker, indent=2))
+    os.replace(tmp, out / RUN_MARKER)
+    return marker
+
+
+# -- resume: the same run, or refused ----------------------------------------------
+
+# What a resumed run may change, and why that leaves the run the same. Every
+# other DistillConfig field must equal the checkpoint's (README: distill, Resume).
+RESUME_MAY_CHANGE = {
+    "max_steps": "where the run stops; the learning-rate schedule keeps the horizon the run started with",
+    "eval_cache": "evaluation only",
+    "eval_every": "evaluation only",
+    "eval_batches": "evaluation only",
+    "save_every": "checkpoints only",
+    "log_every": "logging only",
+    "loss_chunk_tokens": "memory only: the chunked loss equals the unchunked one",
+    "grad_accum": "checked as the slot count, processes x --grad-accum",
+    "fsdp": "checkpoints hold whole tensors",
+    "student": "the weights come from the checkpoint",
+    "online_engine": "how the online teacher runs, not which",
+    "online_engine_args": "how the online teacher runs, not which",
+    "out": "the run's folder",
+    "resume": "the flag itself",
+}
+_ONPOLICY = ("online_teacher", "sample_prompts", "sample_max_new_tokens", "sample_temperature", "onpolicy_weight", "onpolicy_buffer", "prompt_cache")
+_DEFAULTS = {f.name: (f.default if f.default is not MISSING else f.default_factory()) for f in fields(DistillConfig) if f.default is not MISSING or f.default_factory is not MISSING}
+
+
+def cache_keys(config: DistillConfig) -> dict[str, Any]:
+    """The keys of the run's caches (its identity: a moved cache keeps its key)."""
+    prompt = (config.prompt_cache or config.caches[0]) if config.sample_every else None
+    return {"caches": [CacheStore(c).attrs.get("key") for c in config.caches], "prompt_cache": CacheStore(prompt).attrs.get("key") if prompt else None}
+
+
+def _run_options(values: dict[str, Any], keys: dict[str, Any] | None) -> dict[str, Any]:
+    """The options that define a run, normalised so that the same run compares
+    equal: caches by key when known, weights as shares, loss options with their
+    defaults, on-policy options only with rounds."""
+    v = {**_DEFAULTS, **values}
+    opts = {name: v[name] for name in (f.name for f in fields(DistillConfig)) if name not in RESUME_MAY_CHANGE}
+    path = lambda p: str(_local(p) or p)  # noqa: E731
+    opts["caches"] = keys["caches"] if keys else [path(c) for c in v["caches"]]
+    weights = [float(w) for w in v["cache_weights"] or [1.0] * len(v["caches"])]
+    opts["cache_weights"] = [round(w / sum(weights), 12) for w in weights]
+    fn = LOSSES.get(v["loss"])
+    defaults = {n: p.default for n, p in inspect.signature(fn).parameters.items() if p.kind is p.KEYWORD_ONLY} if fn else {}
+    opts["loss_options"] = {**defaults, **v["loss_options"]}
+    opts["betas"] = [float(b) for b in v["betas"]]
+    opts["pack_width"] = (v["pack_width"] or v["batch_tokens"]) if v["pack"] else 0
+    for name in ("lr", "min_lr_ratio", "weight_decay", "max_grad_norm", "sample_temperature", "onpolicy_weight"):
+        opts[name] = float(v[name])
+    if v["sample_every"]:
+        teacher = v["online_teacher"] or ""
+        opts["online_teacher"] = "a URL" if teacher.startswith(("http://", "https://")) else path(teacher)  # a server may move
+        opts["prompt_cache"] = keys["prompt_cache"] if keys else path(v["prompt_cache"] or v["caches"][0])
+    else:
+        opts.update(dict.fromkeys(_ONPOLICY))
+    return opts
+
+
+def _show(name: str, value: Any) -> str:
+    flag = _flag(name)
+    if name in ("caches", "cache_weights"):
+        return " ".join(f"{flag} {x:g}" if isinstance(x, float) else f"{flag} {x}" for x in value) or f"(no {flag})"
+    if name == "loss_options":
+        return " ".join(f"{flag} {k}={x}" for k, x in value.items()) or f"(no {flag})"
+    if name == "betas":
+        return f"{flag} {' '.join(f'{float(b):g}' for b in value)}"
+    if isinstance(value, bool):
+        return flag if value else f"--no-{flag[2:]}"
+    return f"(no {flag})" if value is None else f"{flag} {value}"
+
+
+def check_resume(ckpt: Path, meta: dict[str, Any], config: DistillConfig) -> None:
+    """The checkpoint continues this run: every option outside RESUME_MAY_CHANGE
+    equals the checkpoint's; one line names each change with both values."""
+    step = int(meta["step"])
+    if config.max_steps < step:
+        raise HPDError(f"--max-steps {config.max_steps}: the checkpoint {ckpt} is at step {step}; give at least {step}")
+    saved = {**_DEFAULTS, **meta.get("config", {})}
+    mine = asdict(config)
+    theirs_keys = meta.get("cache_keys")
+    keys = cache_keys(config) if theirs_keys else None
+    a, b = _run_options(saved, theirs_keys), _run_options(mine, keys)
+    changed = [name for name in a if a[name] != b[name]]
+    if "sample_every" in changed and 0 in (saved["sample_every"], mine["sample_every"]):
+        changed = [name for name in changed if name not in _ONPOLICY or name == "online_teacher"]
+    if "loss" in changed and saved["loss_options"] == mine["loss_options"]:  # only the defaults differ
+        changed.remove("loss_options")
+    if not changed:
+        return
+    # Loss options with their defaults, unless the loss itself changed.
+    shown = {} if "loss" in changed else {"loss_options": (a["loss_options"], b["loss_options"])}
+    before = " ".join(_show(n, shown[n][0] if n in shown else saved[n]) for n in changed)
+    after = " ".join(_show(n, shown[n][1] if n in shown else mine[n]) for n in changed)
+    if before == after:  # the same paths, other caches there now
+        after += " (other caches at those paths)"
+    may = ", ".join(_flag(n) for n in RESUME_MAY_CHANGE if n not in ("out", "resume", "student", "online_engine_args"))
+    raise HPDError(f"--resume {ckpt}: the checkpoint was trained with {before}, this run asks for {after}; "
+                   f"resume with the checkpoint's options or start a new run in another --out (a resumed run may change only {may})")
+
+
+def _read_meta(ckpt: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads((ckpt / "meta.json").read_text())
+        int(meta["step"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise HPDError(f"--resume {ckpt}: its meta.json is unreadable ({type(exc).__name__}: {exc}); remove that checkpoint folder to resume from the one before") from None
+    return meta
+
+
+def _find_resume(out: Path, config: DistillConfig, world: World) -> Path | None:
+    """Rank 0's view of --out: the checkpoint to resume from (checked against this
+    run's options), or an HPDError saying why the run may not start."""
     existing = _checkpoints(out) if out.exists() else []
     if config.resume and existing:
         ckpt = existing[-1]
-        meta = json.loads((ckpt / "meta.json").read_text())
+        meta = _read_meta(ckpt)
         n_slots = world.world_size * config.grad_accum
         if meta.get("n_slots") != n_slots:
-            return None, (
+            raise HPDError(
                 f"--resume {ckpt}: written with {meta.get('n_slots')} data slots ({meta.get('world_size')} processes x --grad-accum "
                 f"{meta.get('config', {}).get('grad_accum')}), this run has {n_slots} ({world.world_size} x {config.grad_accum}); "
                 "resume with processes x --grad-accum equal to the checkpoint's"
             )
         if "onpolicy" in meta and meta.get("world_size") != world.world_size:
-            return None, f"--resume {ckpt}: on-policy state was saved by {meta.get('world_size')} processes; resume it with as many"
-        return ckpt, None
+            raise HPDError(f"--resume {ckpt}: on-policy state was saved by {meta.get('world_size')} processes; resume it with as many")
+        check_resume(ckpt, meta, config)
+        return ckpt
     if not config.resume and (existing or (out / "metrics.jsonl").exists()):
-        return None, f"--out {out}: holds an earlier run; pass --resume to continue it, or choose another --out"
-    return None, None
+        raise HPDError(f"--out {out}: holds an earlier run; pass --resume to continue it, or choose another --out")
+    return None
+
+
+def _prepare_out(config: DistillConfig, world: World) -> tuple[Path | None, dict[str, Any] | None, str | None]:
+    """Rank 0: the guards on --out, then the checkpoint to resume from. A problem is
+    returned, not raised, so that every rank learns it."""
+    try:
+        marker = check_out(config)
+        return _find_resume(Path(config.out), config, world), marker, None
+    except HPDError as exc:
+        return None, None, str(exc)
 
 
 def _round(onpolicy: Any, module: Any, model: Any, config: DistillConfig, world: World, device: torch.device) -> dict[str, Any]:
@@ -495,15 +820,15 @@ def train(config: DistillConfig) -> dict[str, Any]:
 
 def _train(config: DistillConfig, world: World) -> dict[str, Any]:
     out = Path(config.out)
-    # Rank 0 decides whether and where to resume; every rank learns the outcome.
-    ckpt, problem = _find_resume(out, config, world) if world.main else (None, None)
+    # Rank 0 checks --out and decides whether and where to resume; every rank learns the outcome.
+    ckpt, marker, problem = _prepare_out(config, world) if world.main else (None, None, None)
     ckpt, problem = world.broadcast((ckpt, problem))
     if problem:
         raise HPDError(problem)
     torch.manual_seed(config.seed + world.rank)  # on-policy sampling: each rank its own draws
     device = world.device
     model, tokenizer = load_student(config.student)
-    check_caches(config.caches, tokenizer)
+    stores = check_caches(config.caches, tokenizer)
     if config.eval_cache:
         check_caches([config.eval_cache], tokenizer, what="--eval-cache")
     head = model.get_output_embeddings()
@@ -518,11 +843,15 @@ def _train(config: DistillConfig, world: World) -> dict[str, Any]:
     noise = {j: _noise_generator(config.seed, j) for j in my_slots}
     rollout_noise = _noise_generator(config.seed, -1 - world.rank)
     onpolicy = None
+    # What every checkpoint records about the run besides its config: the caches'
+    # identity (a moved cache keeps its key) and the schedule's horizon.
+    run_meta: dict[str, Any] = {"cache_keys": {"caches": [s.key for s in stores], "prompt_cache": None}}
     if config.sample_every:
         from .onpolicy import OnPolicy
 
         prompt_cache = config.prompt_cache or config.caches[0]
         store = check_caches([prompt_cache], tokenizer, what="--prompt-cache")[0]
+        run_meta["cache_keys"]["prompt_cache"] = store.key
         onpolicy = OnPolicy(config, tokenizer, prompt_cache, k=stream.k, max_length=int(store.attrs["max_length"]), rank=world.rank, world_size=world.world_size)
         if not config.online_teacher.startswith(("http://", "https://")):
             from transformers import AutoTokenizer
@@ -539,14 +868,21 @@ def _train(config: DistillConfig, world: World) -> dict[str, Any]:
     if ckpt is not None and world.main:
         from transformers import AutoModelForCausalLM
 
-        model.load_state_dict(AutoModelForCausalLM.from_pretrained(ckpt / "model", dtype=torch.float32).state_dict())
+        try:
+            model.load_state_dict(AutoModelForCausalLM.from_pretrained(ckpt / "model", dtype=torch.float32).state_dict())
+        except RuntimeError as exc:  # another architecture
+            raise HPDError(f"--resume {ckpt}: its weights do not fit --student {config.student} ({str(exc).splitlines()[0]}); resume with the student the run started from") from None
     model.to(device).train()
     if ckpt is not None and world.distributed:  # ranks other than 0 take rank 0's weights
         for tensor in model.state_dict().values():
             torch.distributed.broadcast(tensor, src=0)
     module = wrap(StudentLoss(model, config), model, world, fsdp=config.fsdp)
     optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
+    # The schedule's horizon is the run's first --max-steps: a resumed run that
+    # stops later or earlier follows the same learning rates (flat after it).
+    horizon = int(meta.get("schedule_steps") or meta["config"]["max_steps"]) if meta is not None else config.max_steps
+    run_meta["schedule_steps"] = horizon
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config, horizon))
 
     start_step = 0
     if ckpt is not None:
@@ -569,7 +905,7 @@ def _train(config: DistillConfig, world: World) -> dict[str, Any]:
     metrics = None
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.json").write_text(json.dumps(asdict(config), indent=2))
+        run_meta["run_id"] = _write_run_marker(out, marker, config)["run_id"]
         # On resume, keep the rows logged up to the checkpoint (none when there is no checkpoint yet).
         metrics = _Metrics(out, int(meta["metrics_rows"]) if meta is not None else (0 if config.resume else None))
     # The next step's micro-batches are read and decoded while this one trains.
@@ -667,7 +1003,7 @@ def _train(config: DistillConfig, world: World) -> dict[str, Any]:
                 if metrics is not None:
                     metrics.log(done, latest_eval)
             if config.save_every and done % config.save_every == 0 and done < config.max_steps:
-                save_checkpoint(out, done, model, tokenizer, optimizer, scheduler, batches_in, noise, config, onpolicy, world, metrics.rows if metrics else 0, rollout_noise)
+                save_checkpoint(out, done, model, tokenizer, optimizer, scheduler, batches_in, noise, config, onpolicy, world, metrics.rows if metrics else 0, rollout_noise, run_meta)
             last = {**step_metrics, **latest_round, **latest_eval}
             if progress is not None:
                 rate = f" {last['tokens_per_s']:,.0f} tok/s" if last.get("tokens_per_s") else ""
@@ -682,7 +1018,7 @@ def _train(config: DistillConfig, world: World) -> dict[str, Any]:
         batches_in.close()
         if onpolicy is not None:
             onpolicy.close()
-    save_checkpoint(out, config.max_steps, model, tokenizer, optimizer, scheduler, batches_in, noise, config, onpolicy, world, metrics.rows if metrics else 0, rollout_noise)
+    save_checkpoint(out, config.max_steps, model, tokenizer, optimizer, scheduler, batches_in, noise, config, onpolicy, world, metrics.rows if metrics else 0, rollout_noise, run_meta)
     model_state, _ = full_state(model, None, world, fsdp=config.fsdp) if config.fsdp and world.distributed else (None, None)
     if world.main:
         final = out / "final"

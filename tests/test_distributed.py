@@ -60,7 +60,7 @@ def assert_same_run(a: Path, b: Path) -> None:
     worst = max(float((pa[k] - pb[k]).abs().max()) for k in pa)
     assert worst < 2e-4, f"parameters differ by up to {worst}"
     # The training cannot match by standing still: the parameters moved far more.
-    student = load_file(Path(json.loads((a / "config.json").read_text())["student"]) / "model.safetensors")
+    student = load_file(Path(json.loads((a / "hpd-run.json").read_text())["config"]["student"]) / "model.safetensors")
     moved = max(float((pa[k] - student[k]).abs().max()) for k in pa)
     assert moved > 50 * max(worst, 1e-6)
     ma = [r for r in metrics(a) if "loss" in r]
