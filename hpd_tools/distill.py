@@ -589,7 +589,7 @@ def check_out(config: DistillConfig) -> dict[str, Any] | None:
     """Refuse an ``--out`` that is not absent, empty or an earlier run; check it is
     writable. Reads only. Returns the earlier run's marker (None for a new folder
     or a run from before markers)."""
-    raw = config.out
+    raw = str(config.out)  # a Path from Python callers, too
     if "://" in raw:
         raise HPDError(f"--out {raw}: the run folder must be a local path")
     target = Path(raw).resolve()
