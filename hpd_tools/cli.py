@@ -299,7 +299,7 @@ def list_(root: str | None, as_json: bool) -> None:
             return
         click.echo(f"{'key':<32}  {'teacher':<24} {'k':>4} {'tokens':>10} {'size':>10}  {'state':<10} data")
         for r in rows:
-            click.echo(f"{r['key']:<32}  {r['teacher'][:24]:<24} {r['k']:>4} {r['tokens']:>10} {_size(r['bytes']):>10}  {'complete' if r['complete'] else 'partial':<10} {r['data']}")
+            click.echo(f"{r['key']:<32}  {r['teacher'][:24]:<24} {r['k']:>4} {r['tokens']:>10} {_size(r['bytes']):>10}  {'damaged' if r.get('damaged') else 'complete' if r['complete'] else 'partial':<10} {r['data']}")
 
     _run(go)
 

@@ -19,6 +19,7 @@ import zarr
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from conftest import ROOT, build_tiny_teacher, run_cli, train_records, write_jsonl
+from test_cache import reseal_checksums
 from hpd_tools import CacheConfig, build_cache
 from hpd_tools.cache.reader import CacheReader, collate
 from hpd_tools.distill import DistillConfig, chunked_loss, evaluate, micro_step, to_targets, train
@@ -232,6 +233,7 @@ def test_nan_loss_stops_with_step_and_keeps_checkpoint(setup, tmp_path):
     values = arr[:]
     values[:] = np.float16(np.nan)
     arr[:] = values
+    reseal_checksums(poisoned)  # values wrong but checksums valid (a writer bug): the loop's own check must stop it
     run = tmp_path / "run"
     cfg = config(setup, run, caches=[str(poisoned)], loss="hpd", save_every=1)
     with pytest.raises(HPDError, match=r"step 1: loss is nan on the batch of sequences \[\d+"):

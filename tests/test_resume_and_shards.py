@@ -4,6 +4,7 @@ SIGKILL and resumed, and several shard writers filling one cache."""
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import pytest
 
 from conftest import train_records, write_jsonl
 from hpd_tools import build_cache, cache_info, verify_cache
+from hpd_tools.cache.layout import CacheStore
 from test_cache import arrays, assert_same_content, config
 
 CLI = str(Path(sys.executable).parent / "hpd-tools")
@@ -158,3 +160,40 @@ def test_claim_that_never_got_its_owner_is_taken_over(teacher, tmp_path):
     second = build_cache(config(teacher, data, out=str(out), shard=(0, 2)))
     assert second.complete and first.units_computed + second.units_computed == second.units_total
     assert not claim.exists() and verify_cache(out).complete
+
+
+def _on_another_host(code: str, lease: str) -> subprocess.Popen:
+    """Python run under another hostname (its own UTS namespace): a writer on a second
+    node of a shared folder, as NFS or Lustre gives it."""
+    if subprocess.run(["unshare", "-u", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unshare -u is not permitted here; needs root to give a process another hostname")
+    script = f"hostname node-b && exec {sys.executable} -c {shlex.quote(code)}"
+    return subprocess.Popen(["unshare", "-u", "sh", "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "HPD_CLAIM_LEASE_SECONDS": lease})
+
+
+def test_claims_across_hosts_are_leases(teacher, tmp_path, monkeypatch):
+    """On a shared filesystem a claim from another host cannot be judged by its pid:
+    it is a lease, renewed by its holder (a touch every lease/4) and taken over once
+    it is not renewed for a lease on the filesystem's clock, so a node that died
+    never blocks its units forever, and a live one keeps them."""
+    monkeypatch.setenv("HPD_CLAIM_LEASE_SECONDS", "2")
+    data = write_jsonl(tmp_path / "d.jsonl", train_records(40))
+    out = tmp_path / "c"
+    first = build_cache(config(teacher, data, out=str(out), shard=(1, 2)))
+    assert not first.complete
+    holder = _on_another_host(f"import time\nfrom hpd_tools.cache.layout import CacheStore\nprint(CacheStore({str(out)!r}).claim(0), flush=True)\ntime.sleep(60)", "2")
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        assert (out / "progress" / "unit-00000000.claim").read_text().startswith("node-b ")
+        time.sleep(5)  # over two leases: the live holder's heartbeat keeps its claim
+        assert not CacheStore(out).claim(0)
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone (its node died): no pid to look at from here; after a lease its claim is stale.
+    started = time.monotonic()
+    second = build_cache(config(teacher, data, out=str(out), shard=(0, 2)))
+    assert second.complete and first.units_computed + second.units_computed == second.units_total
+    assert time.monotonic() - started < 30
+    assert verify_cache(out).complete

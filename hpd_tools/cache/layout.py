@@ -390,6 +390,7 @@ class CacheStore:
             for _ in range(2):
                 try:
                     os.link(mine, path)
+                    self._hold(unit)
                     return True
                 except FileExistsError:
                     if not self._stale_local_claim(path):
@@ -399,13 +400,13 @@ class CacheStore:
         finally:
             mine.unlink(missing_ok=True)
 
-    @staticmethod
-    def _stale_local_claim(path: Path) -> bool:
-        """A claim whose process on this host is gone; or one that does not parse
-        (left by an older version killed while writing it) and is over 10 s old."""
+    def _stale_local_claim(self, path: Path) -> bool:
+        """A claim whose process on this host is gone; one from another host (a node
+        of a shared NFS/Lustre folder) not renewed for a lease, on the filesystem's
+        clock; or one that does not parse (left by an older version killed while
+        writing it) and is over 10 s old."""
         try:
             host, pid = path.read_text().split()
-            return host == socket.gethostname() and not _alive(int(pid))
         except FileNotFoundError:
             return True
         except (OSError, ValueError):
@@ -413,11 +414,28 @@ class CacheStore:
                 return time.time() - path.stat().st_mtime > 10
             except FileNotFoundError:
                 return True
+        if host == socket.gethostname():
+            return not _alive(int(pid)) if pid.isdigit() else True
+        stamp = self.location.modified(str(path.relative_to(self.location.local)))  # type: ignore[arg-type]
+        return stamp is None or self._store_now() - stamp > claim_lease()
+
+    def claim_holder(self, unit: int) -> str:
+        """Who holds a unit's claim and how fresh it is, for a waiting writer's message."""
+        rel = unit_claim(unit)
+        body = (self.location.read(rel) or b"").decode(errors="replace").strip()
+        if self.location.local is None:
+            try:
+                info = json.loads(body)
+                body = f"{info.get('host')} {info.get('pid')}"
+            except ValueError:
+                pass
+        stamp = self.location.modified(rel)
+        age = f", renewed {self._store_now() - stamp:.0f} s ago" if stamp is not None else ""
+        return f"{body or 'unknown'}{age}"
 
     def release(self, unit: int) -> None:
-        if self.location.local is None:
-            with self._lock:
-                self._held.discard(unit)
+        with self._lock:
+            self._held.discard(unit)
         self.location.delete(unit_claim(unit))
 
     def _claim_lease(self, unit: int) -> bool:
@@ -430,12 +448,16 @@ class CacheStore:
         time.sleep(CLAIM_SETTLE)
         if self._owner(rel) != self.owner:
             return False  # a rival claimed it in the same moment, after this writer
+        self._hold(unit)
+        return True
+
+    def _hold(self, unit: int) -> None:
+        """Keep a claim alive while this process works on it (the heartbeat)."""
         with self._lock:
             self._held.add(unit)
             if self._heartbeat is None:
                 self._heartbeat = threading.Thread(target=self._beat, name="hpd-claim-heartbeat", daemon=True)
                 self._heartbeat.start()
-        return True
 
     def _claim_body(self) -> bytes:
         # Host and pid are for people reading the claim; only the owner id counts.
@@ -462,7 +484,8 @@ class CacheStore:
         return self._clock[0] + (time.monotonic() - self._clock[1])
 
     def _beat(self) -> None:
-        """Re-put this process's claims every lease/4 seconds while it holds any."""
+        """Renew this process's claims every lease/4 seconds while it holds any: re-put
+        them (object store) or touch them (local: the mtime is set by the filesystem)."""
         while True:
             time.sleep(claim_lease() / 4)
             with self._lock:
@@ -471,7 +494,10 @@ class CacheStore:
                     return
                 for unit in sorted(self._held):
                     try:
-                        self.location.write(unit_claim(unit), self._claim_body())
+                        if self.location.local is not None:
+                            os.utime(self.location.local / unit_claim(unit))
+                        else:
+                            self.location.write(unit_claim(unit), self._claim_body())
                     except Exception as exc:  # a missed beat only risks a duplicated unit
                         log.debug("claim heartbeat for unit %d failed: %s", unit, exc)
 

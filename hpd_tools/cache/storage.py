@@ -138,7 +138,13 @@ class Location:
             pass
 
     def modified(self, rel: str) -> float | None:
-        """When an object was last put, in seconds on the store's clock (None if absent)."""
+        """When an object was last put, in seconds on the store's clock (None if absent).
+        Local files: their mtime, set by the filesystem (the server's clock on NFS)."""
+        if self.local is not None:
+            try:
+                return (self.local / rel).stat().st_mtime
+            except (FileNotFoundError, NotADirectoryError):
+                return None
         try:
             with self.guard("reading"):
                 self.fs.invalidate_cache(self._key(rel).rsplit("/", 1)[0])

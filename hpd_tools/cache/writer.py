@@ -35,7 +35,7 @@ from ..hashing import chat_template_hash, hash_obj, model_hash, sha256_hex, toke
 from ..progress import Progress
 from . import codec
 from .reader import check_offsets, read_rows
-from .layout import ARRAYS, FORMAT_VERSION, CacheStore, Location, Plan, as_location, cache_home, caches_under, create_cache, is_cache
+from .layout import ARRAYS, FORMAT_VERSION, CacheStore, claim_lease, Location, Plan, as_location, cache_home, caches_under, create_cache, is_cache
 from .storage import check_writable
 
 log = logging.getLogger(__name__)
@@ -351,7 +351,7 @@ def _occupied(out: Location) -> bool:
     creating it again puts the same objects."""
     if out.local is not None:
         return out.local.exists() and (not out.local.is_dir() or any(out.local.iterdir()))
-    return not set(out.listdir()) <= {*ARRAYS, "progress"}
+    return not set(out.listdir()) <= {*ARRAYS, "progress", "checksums"}
 
 
 def _fill(store: CacheStore, plan: Plan, config: CacheConfig, dtype: str, result: CacheResult, roots: list[Location], teacher: TeacherEngine | None) -> None:
@@ -442,11 +442,15 @@ def _fill(store: CacheStore, plan: Plan, config: CacheConfig, dtype: str, result
                 compute(unit)
             else:
                 waiting.append(unit)  # another writer of this cache and shard is on it
-        if waiting:
-            progress.note(f"{len(waiting)} unit(s) are being written by another process; waiting for them")
+        told = 0.0
         while waiting:
             done = store.done_units()
             waiting = [u for u in waiting if u not in done]
+            if waiting and time.monotonic() - told > claim_lease():
+                # The wait is bounded: a holder that stops renewing its claim for a lease loses it to this writer.
+                progress.note(f"{len(waiting)} unit(s) are being written by another process (unit {waiting[0]}: {store.claim_holder(waiting[0])}); "
+                              f"waiting for them, and taking over any whose claim is not renewed for {claim_lease():.0f} s (HPD_CLAIM_LEASE_SECONDS)")
+                told = time.monotonic()
             for unit in list(waiting):
                 if store.claim(unit):  # its writer stopped (dead process or stale lease): do it here
                     compute(unit)
