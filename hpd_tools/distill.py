@@ -136,6 +136,13 @@ class DistillConfig:
             raise HPDError("--online-teacher needs --sample-every N (steps between on-policy rounds)")
         if self.online_engine not in ("vllm", "hf"):
             raise HPDError(f"--online-engine {self.online_engine}: choose vllm or hf")
+        if self.online_teacher and self.online_engine_args:
+            from .engines import check_engine_args
+
+            if self.online_teacher.startswith(("http://", "https://")):
+                check_engine_args("server", self.online_engine_args, where="online_engine_args", reserved={"url": "--online-teacher"})
+            else:
+                check_engine_args(self.online_engine, self.online_engine_args, where="online_engine_args", reserved={"model": "--online-teacher"})
         if self.pack_width and not self.pack:
             raise HPDError(f"--pack-width {self.pack_width}: give a positive width, with --pack")
         if self.warmup_steps > self.max_steps:
@@ -780,6 +787,21 @@ def _prepare_out(config: DistillConfig, world: World) -> tuple[Path | None, dict
         return None, None, str(exc)
 
 
+def _check_widths(config: DistillConfig, model: Any, tokenizer: Any, stores: list[CacheStore]) -> None:
+    """A student narrower than its tokenizer cannot embed every token: refuse it. A
+    teacher wider than the student is the seed paper's own pair (Qwen2.5-7B, 152,064
+    rows, over Qwen2.5-1.5B, 151,936): say what happens to the ids past the student."""
+    rows = int(model.get_input_embeddings().num_embeddings)
+    width = int(getattr(model.get_output_embeddings(), "out_features", rows))
+    if min(rows, width) < len(tokenizer):
+        raise HPDError(f"--student {config.student}: its embedding has {min(rows, width)} rows, fewer than its tokenizer's {len(tokenizer)} tokens; "
+                       "resize the student's embeddings (model.resize_token_embeddings) before distilling")
+    teacher = max(int((s.attrs.get("teacher") or {}).get("vocab_size") or 0) for s in stores)
+    if teacher > width:
+        log.info("teacher width %d > student width %d (one tokenizer of %d tokens): top-k ids >= %d drop out and their mass joins the tail; "
+                 "metrics.jsonl logs it as %s/dropped_mass", teacher, width, len(tokenizer), width, config.loss)
+
+
 def _round(onpolicy: Any, module: Any, model: Any, config: DistillConfig, world: World, device: torch.device) -> dict[str, Any]:
     """One on-policy round. Under FSDP2 the student's forwards are collectives:
     the root's parameters (embeddings, head) are gathered for the round, each
@@ -834,6 +856,7 @@ def _train(config: DistillConfig, world: World) -> dict[str, Any]:
     head = model.get_output_embeddings()
     if head is None or not hasattr(model, "base_model"):
         raise HPDError(f"--student {config.student}: no output embedding (LM head) to distill into")
+    _check_widths(config, model, tokenizer, stores)
 
     n_slots = world.world_size * config.grad_accum
     my_slots = list(range(world.rank * config.grad_accum, (world.rank + 1) * config.grad_accum))

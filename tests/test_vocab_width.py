@@ -22,6 +22,7 @@ from conftest import ROOT, build_tiny_teacher, run_cli, train_records, write_jso
 from hpd_tools import CacheConfig, build_cache
 from hpd_tools.cache.reader import CacheReader
 from hpd_tools.distill import DistillConfig, evaluate, to_targets, train
+from hpd_tools.errors import HPDError
 
 CLI = str(Path(sys.executable).parent / "hpd-tools")
 TEACHER_EXTRA = 24  # teacher rows past the tokenizer
@@ -112,6 +113,7 @@ def cli_runs(pair):
     for loss, (out, proc) in procs.items():
         stderr = proc.communicate(timeout=600)[1]
         done[loss] = (out, proc.returncode, stderr)
+    done["_teacher_width"] = pair["tokens"] + TEACHER_EXTRA
     return done
 
 
@@ -125,6 +127,17 @@ def test_distill_cli_with_a_wider_teacher(cli_runs, loss):
     assert all(r[f"{loss}/dropped_mass"] > 0.005 for r in steps)
     final_eval = [r for r in rows if "eval/fkl_topk" in r][-1]
     assert final_eval["eval/dropped_teacher_mass"] > 0.005 and math.isfinite(final_eval["eval/fkl_topk"])
+    assert f"teacher width {cli_runs['_teacher_width']} > student width" in stderr and "drop out" in stderr
+
+
+def test_a_student_narrower_than_its_tokenizer_is_refused(pair, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(pair["narrow"])
+    model.resize_token_embeddings(pair["tokens"] - 5)
+    model.save_pretrained(tmp_path / "narrow-student")
+    AutoTokenizer.from_pretrained(pair["narrow"]).save_pretrained(tmp_path / "narrow-student")
+    with pytest.raises(HPDError, match=rf"embedding has {pair['tokens'] - 5} rows, fewer than its tokenizer's {pair['tokens']} tokens"):
+        train(DistillConfig(caches=[pair["train"]], student=str(tmp_path / "narrow-student"), out=str(tmp_path / "run"), max_steps=1, batch_tokens=1024))
+    assert not (tmp_path / "run").exists()
 
 
 def test_evaluate_matches_a_float64_reference(pair, tmp_path):
