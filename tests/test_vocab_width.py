@@ -19,7 +19,7 @@ import zarr
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from conftest import ROOT, build_tiny_teacher, run_cli, train_records, write_jsonl
-from hpd_tools import CacheConfig, build_cache
+from hpd_tools import CacheConfig, build_cache, cache_info
 from hpd_tools.cache.reader import CacheReader
 from hpd_tools.distill import DistillConfig, evaluate, to_targets, train
 from hpd_tools.errors import HPDError
@@ -93,6 +93,10 @@ def test_cache_holds_ids_past_the_student_and_verify_accepts_it(pair):
     # verify checks ids against the teacher's own width: all in range.
     proc = run_cli("verify", pair["train"])
     assert proc.returncode == 0, proc.stdout + proc.stderr
+    # info: the mass on rows past the tokenizer, which any student of this tokenizer's width drops.
+    info = cache_info(pair["train"])
+    assert info["tokenizer_size"] == pair["tokens"] and info["teacher_vocab_size"] == pair["tokens"] + TEACHER_EXTRA
+    assert info["mean_topk_mass_past_tokenizer"] == pytest.approx(dropped_share(pair["train"], pair["tokens"]), rel=0.02)
 
 
 LOSSES = ["fkl", "jsd", "akl", "hpd"]

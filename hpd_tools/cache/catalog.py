@@ -32,6 +32,11 @@ def cache_info(path: str | Path) -> dict[str, Any]:
         "bytes_by_array": sizes,
         "mean_abs_kl_distortion": (attrs.get("quality") or {}).get("mean_abs_kl_distortion"),
         "mean_weighted_abs_logprob_error": (attrs.get("quality") or {}).get("mean_weighted_abs_logprob_error"),
+        # Teacher top-k mass on embedding rows past the tokenizer (a teacher padded wider
+        # than its tokenizer); a student narrower than the teacher drops at least this.
+        "teacher_vocab_size": (attrs.get("teacher") or {}).get("vocab_size"),
+        "tokenizer_size": (attrs.get("tokenizer") or {}).get("size"),
+        "mean_topk_mass_past_tokenizer": (attrs.get("quality") or {}).get("mean_topk_mass_past_tokenizer"),
         "attributes": attrs,
     }
 

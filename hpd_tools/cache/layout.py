@@ -550,6 +550,7 @@ class CacheStore:
             "max_abs_kl_distortion": max((m["distortion_max"] for m in markers), default=0.0),
             "mean_weighted_abs_logprob_error": sum(m["weighted_abs_error_sum"] for m in markers) / max(topk_rows, 1),
             "topk_rows": topk_rows,
+            "mean_topk_mass_past_tokenizer": sum(float(m.get("mass_past_tokenizer_sum") or 0.0) for m in markers) / max(topk_rows, 1),
         }
         attrs["completed_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         with self.location.guard("writing attributes"):

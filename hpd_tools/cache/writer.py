@@ -312,6 +312,7 @@ def build_cache(config: CacheConfig, teacher: TeacherEngine | None = None, dry_r
             "key": key,
             "compat": compat,
             "teacher": {"path": str(Path(config.teacher).resolve()), "name": Path(config.teacher).name, "hash": identity["teacher_hash"], "vocab_size": vocab_size},
+            "tokenizer": {"size": len(tokenizer)},
             "data": {"path": str(Path(config.data).resolve()), "fingerprint": fingerprint, "report": report.as_dict()},
             "engine": {"name": config.engine},
             "codec_spec": codec.describe(),
@@ -363,6 +364,7 @@ def _fill(store: CacheStore, plan: Plan, config: CacheConfig, dtype: str, result
     donors = _Donors.find(roots, store.attrs["compat"], store.location) if config.reuse else _Donors([])
     k = store.k
     ids_dtype = np.dtype(store.array("topk_ids").dtype)
+    tokenizer_size = int((store.attrs.get("tokenizer") or {}).get("size") or 1 << 62)
     own_teacher = teacher is None
     reused_sequences: set[int] = set()
     total = sum(plan.unit_range(u)[1] - plan.unit_range(u)[0] for u in pending)
@@ -397,7 +399,7 @@ def _fill(store: CacheStore, plan: Plan, config: CacheConfig, dtype: str, result
             b_label = min(b, o1 - o0 - 1)
             if b_label > a:
                 jobs.append((o0, a, b_label, seq_tokens[: b_label + 1]))
-        distortion = {"distortion_sum": 0.0, "distortion_max": 0.0, "weighted_abs_error_sum": 0.0, "topk_rows": 0}
+        distortion = {"distortion_sum": 0.0, "distortion_max": 0.0, "weighted_abs_error_sum": 0.0, "topk_rows": 0, "mass_past_tokenizer_sum": 0.0}
         if jobs and teacher is None:
             from ..engines import make_teacher
 
@@ -427,6 +429,11 @@ def _fill(store: CacheStore, plan: Plan, config: CacheConfig, dtype: str, result
                     distortion["weighted_abs_error_sum"] += float(w.sum())
                     distortion["distortion_max"] = max(distortion["distortion_max"], float(d.max()))
                     distortion["topk_rows"] += int(len(exact))
+                    # Mass on ids no token has (embedding rows past the tokenizer): a student
+                    # narrower than the teacher drops it (losses.py), info reports it.
+                    past = sc.topk_ids[a:b][mask] >= tokenizer_size
+                    if past.any():
+                        distortion["mass_past_tokenizer_sum"] += float(np.exp(exact.astype(np.float64))[past].sum())
                 scored_tokens += len(prefix)
             progress.update(sum(b - a for _, a, b, _ in batch))
         progress.update((end - start) - sum(b - a for _, a, b, _ in jobs), count_rate=False)
