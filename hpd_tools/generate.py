@@ -20,6 +20,7 @@ from typing import Any
 
 from .data import Fields, _BadRow, _iter_rows, as_object, check_data_path
 from .errors import DataError, HPDError
+from .outputs import check_output_file
 from .progress import Progress
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ def generate_responses(config: GenerateConfig, llm: Any = None) -> dict[str, Any
 
     path = Path(config.data)
     check_data_path(path)
+    check_output_file(config.out, "--out", inputs=[("--data", config.data), ("--teacher", config.teacher)])
     tokenizer = AutoTokenizer.from_pretrained(config.teacher)
     if not getattr(tokenizer, "chat_template", None):
         raise HPDError(f"--teacher {config.teacher}: no chat template; generation needs one to render prompts")

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from .errors import HPDError
+from .outputs import check_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,15 @@ def default_teacher_dir() -> Path:
     return cache_root() / "teachers" / "smollm2-135m-instruct"
 
 
+IMPORT_MARKER = "hpd_import.json"
+
+
+def _under_cache_root(path: Path) -> bool:
+    from .cache.layout import cache_root
+
+    return cache_root().resolve() in path.resolve().parents
+
+
 def import_gguf(gguf: str | os.PathLike, out: str | os.PathLike, *, check_tokens: int = 32) -> Path:
     """Convert a GGUF model to a float32 Hugging Face folder at ``out`` and check
     that the saved model's logits equal the GGUF-loaded model's on a short text.
@@ -53,10 +63,12 @@ def import_gguf(gguf: str | os.PathLike, out: str | os.PathLike, *, check_tokens
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf, out = Path(gguf), Path(out)
-    if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
+    finished = (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    if finished and ((out / IMPORT_MARKER).is_file() or _under_cache_root(out)):  # imports before the marker lived under the cache root
         return out
     if not gguf.is_file():
         raise HPDError(f"{gguf}: no such GGUF file")
+    check_output_folder(out, "--out", marker=IMPORT_MARKER, inputs=[("GGUF", gguf)])
     log.info("importing %s -> %s", gguf, out)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -77,7 +89,8 @@ def import_gguf(gguf: str | os.PathLike, out: str | os.PathLike, *, check_tokens
     if gap > 1e-4:
         raise HPDError(f"{gguf}: converted model's logits differ from the GGUF model's by {gap:.2e}; the conversion is wrong for this architecture")
     log.info("converted logits match the GGUF model (max |diff| %.1e)", gap)
-    if out.exists():  # an unfinished earlier import
+    (tmp / IMPORT_MARKER).write_text(__import__("json").dumps({"imported_from": str(gguf.resolve()), "max_logit_gap": gap}, indent=2))
+    if out.exists():  # an unfinished earlier import, or an empty folder
         shutil.rmtree(out)
     os.replace(tmp, out)
     return out
@@ -103,6 +116,8 @@ def prune_layers(teacher: str | os.PathLike, out: str | os.PathLike, keep: list[
     teacher, out = Path(teacher), Path(out)
     if not (teacher / "config.json").is_file():
         raise HPDError(f"--teacher {teacher}: not a model folder (no config.json)")
+    # Before the teacher loads: never replace the teacher, a cache or a folder prune did not make.
+    check_output_folder(out, "--out", marker="hpd_prune.json", inputs=[("--teacher", teacher)])
     model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32)
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:

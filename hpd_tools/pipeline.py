@@ -34,6 +34,7 @@ from .config import build
 from .distill import DistillConfig, evaluate, train
 from .generate import GenerateConfig, generate_responses, start_vllm
 from .models import parse_layers, prune_layers, resolve_teacher
+from .outputs import check_output_folder
 
 log = logging.getLogger(__name__)
 
@@ -114,11 +115,17 @@ class Prepared:
     caches: dict[str, str]
 
 
+PIPELINE_MARKER = "hpd-pipeline.json"
+
+
 def prepare(config: PipelineConfig, timings: dict[str, float] | None = None) -> Prepared:
     """Steps 1-4: teacher, pruned student, teacher responses, caches."""
     timings = timings if timings is not None else {}
     out = Path(config.out)
+    check_output_folder(out, "--out", marker=PIPELINE_MARKER, legacy=("report.json", "student-pruned"),
+                        inputs=[("--teacher", config.teacher if Path(config.teacher).exists() else None)])
     out.mkdir(parents=True, exist_ok=True)
+    (out / PIPELINE_MARKER).write_text(json.dumps({"format": "hpd-tools pipeline run", "config": asdict(config)}, indent=2, default=str))
 
     t = _stage("1/6 teacher: import the packaged GGUF")
     teacher = resolve_teacher(config.teacher)
