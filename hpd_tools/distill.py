@@ -244,6 +244,7 @@ def check_caches(paths: list[str], tokenizer: Any, what: str = "--cache") -> lis
                 f"{what} {path}: made with tokenizer {store.attrs['tokenizer_hash'][:16]}, the student's is {student_hash[:16]}; "
                 "the student must share the teacher's tokenizer"
             )
+        store.check_chunk_files()  # a deleted or truncated chunk stops the run before it trains, not when the stream reaches it
         stores.append(store)
     ks = {s.k for s in stores}
     if len(ks) > 1:
@@ -928,7 +929,10 @@ def _train(config: DistillConfig, world: World) -> dict[str, Any]:
     metrics = None
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
-        run_meta["run_id"] = _write_run_marker(out, marker, config)["run_id"]
+        if marker is None:  # a new run (or one from before markers): marked before anything else is written
+            run_meta["run_id"] = _write_run_marker(out, marker, config)["run_id"]
+        else:  # a resumed run: its marker is updated once a step of this run has trained, not by a run refused on the way
+            run_meta["run_id"] = marker.get("run_id")
         # On resume, keep the rows logged up to the checkpoint (none when there is no checkpoint yet).
         metrics = _Metrics(out, int(meta["metrics_rows"]) if meta is not None else (0 if config.resume else None))
     # The next step's micro-batches are read and decoded while this one trains.
@@ -1003,6 +1007,8 @@ def _train(config: DistillConfig, world: World) -> dict[str, Any]:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if marker is not None and world.main and step == start_step:
+                _write_run_marker(out, marker, config)
             window_tokens += sum(b.n_tokens for b in batches)
             done = step + 1
             if done % config.log_every == 0 or done == config.max_steps:

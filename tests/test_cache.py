@@ -250,14 +250,14 @@ def test_verify_passes_a_good_cache(built):
 def test_verify_catches_a_garbage_chunk(built):
     chunk = Path(built.location, "topk_ids", "c", "1", "0")
     chunk.write_bytes(b"\x00garbage" * 50)
-    with pytest.raises(CacheCorruptError, match="topk_ids.*unit 1.*checksum mismatch"):
+    with pytest.raises(CacheCorruptError, match=r"topk_ids.*unit 1.*(checksum mismatch|400 bytes, \d+ were written)"):
         verify_cache(built.location)
 
 
 def test_verify_catches_a_truncated_chunk(built):
     chunk = Path(built.location, "topk_logprobs", "c", "2", "0")
     chunk.write_bytes(chunk.read_bytes()[:20])
-    with pytest.raises(CacheCorruptError, match="topk_logprobs.*unit 2.*checksum mismatch"):
+    with pytest.raises(CacheCorruptError, match=r"topk_logprobs.*unit 2.*(checksum mismatch|20 bytes, \d+ were written)"):
         verify_cache(built.location)
 
 
@@ -283,22 +283,27 @@ def reseal_checksums(location: str | Path) -> None:
     meta = json.loads((root / "zarr.json").read_text())
     attrs = meta["attributes"][ATTR]
 
-    def sums(name: str) -> np.ndarray:
-        table = integrity.decode_table((root / (integrity.STATIC_FILE if name in STATIC_ARRAYS else integrity.UNITS_FILE)).read_bytes(), "")[name]
+    def sums(name: str) -> tuple[np.ndarray, np.ndarray]:
+        table = integrity.decode_table((root / (integrity.STATIC_FILE if name in STATIC_ARRAYS else integrity.UNITS_FILE)).read_bytes(), "")[0][name]
+        sizes = table.copy()
         for i in range(len(table)):
             f = root / name / "c" / str(i)
             f = f / "0" if f.is_dir() else f
             table[i] = integrity.crc(f.read_bytes()) if f.exists() else integrity.FILL
-        return table
+            sizes[i] = f.stat().st_size if f.exists() else integrity.FILL
+        return table, sizes
 
-    static = integrity.encode_table({name: sums(name) for name in STATIC_ARRAYS})
+    static = {name: sums(name) for name in STATIC_ARRAYS}
     units = {name: sums(name) for name in TEACHER_ARRAYS}
-    (root / integrity.STATIC_FILE).write_bytes(static)
-    (root / integrity.UNITS_FILE).write_bytes(integrity.encode_table(units))
+    static_raw = integrity.encode_table({n: v[0] for n, v in static.items()}, {n: v[1] for n, v in static.items()})
+    (root / integrity.STATIC_FILE).write_bytes(static_raw)
+    (root / integrity.UNITS_FILE).write_bytes(integrity.encode_table({n: v[0] for n, v in units.items()}, {n: v[1] for n, v in units.items()}))
     for u in range(attrs["n_units"]):
         marker = json.loads((root / unit_marker(u)).read_text())
-        marker["checksums"] = {name: int(units[name][u]) for name in TEACHER_ARRAYS}
+        marker["checksums"] = {name: int(units[name][0][u]) for name in TEACHER_ARRAYS}
+        marker["sizes"] = {name: int(units[name][1][u]) for name in TEACHER_ARRAYS}
         (root / unit_marker(u)).write_text(json.dumps(marker))
+    static = static_raw
     attrs["checksums"].update(static=integrity.digest(static), units=integrity.digest((root / integrity.UNITS_FILE).read_bytes()))
     (root / "zarr.json").write_text(json.dumps(meta))
 

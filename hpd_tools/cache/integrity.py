@@ -5,6 +5,11 @@ bytes it decodes, so a deleted, truncated, flipped or swapped chunk file would
 otherwise train a student on wrong numbers. Each cache of format 2 records the
 CRC-32C of every chunk as it was written:
 
+Each entry is a chunk's CRC-32C and its size in bytes; the sizes let a start-up
+listing (:meth:`~hpd_tools.cache.layout.CacheStore.check_chunk_files`, run by
+``distill`` before it trains) find a deleted, truncated or resized chunk without
+reading any data.
+
 - ``checksums/static.json``: the chunks of ``tokens``, ``loss_mask``,
   ``offsets`` and ``example_id``, written when the cache is created; its
   SHA-256 is in the group attributes (``checksums.static``);
@@ -74,16 +79,24 @@ def parse_key(key: str) -> tuple[str, int] | None:
     return parts[0], index[0]
 
 
-def encode_table(table: dict[str, np.ndarray]) -> bytes:
-    return json.dumps({"algorithm": ALGORITHM, "chunks": {name: [int(v) for v in values] for name, values in sorted(table.items())}}, separators=(",", ":")).encode()
+def encode_table(table: dict[str, np.ndarray], sizes: dict[str, np.ndarray]) -> bytes:
+    """Per array, the CRC-32C and the byte size of each chunk (FILL for both where none is stored)."""
+    def ints(t: dict[str, np.ndarray]) -> dict[str, list[int]]:
+        return {name: [int(v) for v in values] for name, values in sorted(t.items())}
+
+    return json.dumps({"algorithm": ALGORITHM, "chunks": ints(table), "sizes": ints(sizes)}, separators=(",", ":")).encode()
 
 
-def decode_table(raw: bytes, where: str) -> dict[str, np.ndarray]:
+def decode_table(raw: bytes, where: str) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     try:
         body = json.loads(raw)
         if body.get("algorithm") != ALGORITHM:
             raise ValueError(f"algorithm {body.get('algorithm')!r}")
-        return {name: np.asarray(values, dtype=np.int64) for name, values in body["chunks"].items()}
+        sums = {name: np.asarray(values, dtype=np.int64) for name, values in body["chunks"].items()}
+        sizes = {name: np.asarray(values, dtype=np.int64) for name, values in body["sizes"].items()}
+        if set(sums) != set(sizes) or any(len(sums[n]) != len(sizes[n]) for n in sums):
+            raise ValueError("checksums and sizes do not match")
+        return sums, sizes
     except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise CacheCorruptError(f"{where} is damaged ({type(exc).__name__}: {exc}); delete the cache and rerun `hpd-tools cache`") from None
 
@@ -102,7 +115,7 @@ class ChecksummedStore(WrapperStore):
         self._describe = describe or (lambda name, chunk: f"chunk {chunk}")
         self._where = where
         self._lock = threading.Lock()
-        self.written: dict[tuple[str, int], int] = {}
+        self.written: dict[tuple[str, int], tuple[int, int]] = {}  # (array, chunk) -> (CRC-32C, bytes)
 
     def _with_store(self, store: Any) -> "ChecksummedStore":
         twin = type(self)(store, self._expected, self._describe, self._where)
@@ -136,19 +149,20 @@ class ChecksummedStore(WrapperStore):
         for key, prototype, byte_range in requests:
             yield key, await self.get(key, prototype, byte_range)
 
-    def _record(self, key: str, value: int) -> None:
+    def _record(self, key: str, value: Buffer | None) -> None:
         parsed = parse_key(key)
         if parsed is not None:
+            entry = (FILL, FILL) if value is None else (crc(value.as_numpy_array()), len(value))
             with self._lock:
-                self.written[parsed] = value
+                self.written[parsed] = entry
 
     async def set(self, key: str, value: Buffer) -> None:
         await self._store.set(key, value)
-        self._record(key, crc(value.as_numpy_array()))
+        self._record(key, value)
 
     async def set_if_not_exists(self, key: str, value: Buffer) -> None:
         await self._store.set_if_not_exists(key, value)
-        self._record(key, crc(value.as_numpy_array()))
+        self._record(key, value)
 
     async def _set_many(self, values: Iterable[tuple[str, Buffer]]) -> None:
         for key, value in values:
@@ -156,13 +170,13 @@ class ChecksummedStore(WrapperStore):
 
     async def delete(self, key: str) -> None:
         await self._store.delete(key)
-        self._record(key, FILL)
+        self._record(key, None)
 
-    def take_written(self, name: str, chunk: int) -> int:
-        """The checksum of what this process last wrote to a chunk (FILL if nothing:
-        Zarr writes no chunk that holds only the fill value), and forget it."""
+    def take_written(self, name: str, chunk: int) -> tuple[int, int]:
+        """(CRC-32C, bytes) of what this process last wrote to a chunk ((FILL, FILL) if
+        nothing: Zarr writes no chunk that holds only the fill value), and forget it."""
         with self._lock:
-            return self.written.pop((name, chunk), FILL)
+            return self.written.pop((name, chunk), (FILL, FILL))
 
     def __repr__(self) -> str:
         return f"ChecksummedStore({self._store!r})"

@@ -169,11 +169,14 @@ def _read_attrs(location: Location) -> dict[str, Any] | None:
     if meta is None:
         return None
     try:
-        attrs = json.loads(meta).get("attributes", {}).get(ATTR) or {}
+        group_attrs = json.loads(meta).get("attributes", {})
+        if ATTR not in group_attrs:
+            return {}
+        attrs = group_attrs[ATTR]
     except (ValueError, AttributeError, UnicodeDecodeError) as exc:
         raise CacheCorruptError(f"{location}: zarr.json does not parse ({type(exc).__name__}); the cache is damaged: delete it and rerun `hpd-tools cache`") from None
-    if not isinstance(attrs, dict):
-        raise CacheCorruptError(f"{location}: the '{ATTR}' attributes in zarr.json are not a mapping; the cache is damaged: delete it and rerun `hpd-tools cache`")
+    if not isinstance(attrs, dict) or not attrs:
+        raise CacheCorruptError(f"{location}: the '{ATTR}' attributes in zarr.json are {'empty' if attrs == {} else 'not a mapping'}; the cache is damaged: delete it and rerun `hpd-tools cache`")
     return dict(attrs)
 
 
@@ -245,12 +248,13 @@ class CacheStore:
         check_attrs(self.path, attrs)
         self.attrs: dict[str, Any] = attrs
         self.checked = int(attrs["format_version"]) >= 2  # chunks carry checksums (integrity.py)
-        self._tables: dict[str, np.ndarray] = {}
+        self._tables: dict[str, np.ndarray] = {}  # array -> CRC-32C per chunk
+        self._sizes: dict[str, np.ndarray] = {}  # array -> bytes per chunk
         self._unit_sums: dict[int, dict[str, int]] = {}
         if self.checked:
-            self._tables.update(self._load_table(STATIC_FILE, attrs["checksums"]["static"]))
+            self._load_table(STATIC_FILE, attrs["checksums"]["static"])
             if self.complete:
-                self._tables.update(self._load_table(UNITS_FILE, attrs["checksums"]["units"]))
+                self._load_table(UNITS_FILE, attrs["checksums"]["units"])
         self.zstore: ChecksummedStore | None = None
         try:
             self.group = self.location.open_group("r+", wrap=self._wrap)
@@ -270,13 +274,35 @@ class CacheStore:
         self.zstore = ChecksummedStore(store, self._expected, self._describe, str(self.path))
         return self.zstore
 
-    def _load_table(self, rel: str, sha: str) -> dict[str, np.ndarray]:
+    def _load_table(self, rel: str, sha: str) -> None:
         raw = self.location.read(rel)
         if raw is None:
             raise CacheCorruptError(f"{self.path}: {rel} is missing; the cache is damaged: delete it and rerun `hpd-tools cache`")
         if integrity.digest(raw) != sha:
             raise CacheCorruptError(f"{self.path}: {rel} does not match its SHA-256 in the attributes; the cache is damaged: delete it and rerun `hpd-tools cache`")
-        return integrity.decode_table(raw, f"{self.path}: {rel}")
+        sums, sizes = integrity.decode_table(raw, f"{self.path}: {rel}")
+        self._tables.update(sums)
+        self._sizes.update(sizes)
+
+    def check_chunk_files(self) -> None:
+        """Every chunk the checksum tables record is there with its recorded size, and
+        no other: a listing, no data read (one listing per array; on object storage a
+        paginated list). Finds deleted, truncated, resized or extra chunk files before
+        training starts; changed bytes are found when each chunk is read. Format 2,
+        complete caches; a no-op otherwise."""
+        if not (self.checked and self.complete):
+            return
+        for name, sizes in sorted(self._sizes.items()):
+            found = self.location.chunk_sizes(name)
+            for chunk in np.flatnonzero(sizes != FILL).tolist():
+                got = found.get(chunk)
+                if got is None:
+                    raise CacheCorruptError(f"{self.path}: array '{name}' {self._describe(name, chunk)}: the chunk file is missing; the cache is damaged: delete it and rerun `hpd-tools cache`")
+                if got != sizes[chunk]:
+                    raise CacheCorruptError(f"{self.path}: array '{name}' {self._describe(name, chunk)}: the chunk file has {got} bytes, {int(sizes[chunk])} were written; the cache is damaged: delete it and rerun `hpd-tools cache`")
+            extra = sorted(c for c in found if c >= len(sizes) or sizes[c] == FILL)
+            if extra:
+                raise CacheCorruptError(f"{self.path}: array '{name}' has a chunk file where none was written ({self._describe(name, extra[0])}); the cache is damaged: delete it and rerun `hpd-tools cache`")
 
     def _expected(self, name: str, chunk: int) -> int:
         """The recorded checksum of a chunk, or UNKNOWN (format 1, a unit in progress)."""
@@ -365,9 +391,10 @@ class CacheStore:
                 if not isinstance(marker.get(name), (int, float)) or isinstance(marker.get(name), bool):
                     raise CacheCorruptError(f"{self.path}: the marker {rel} lacks '{name}'; {fix}")
             if self.checked:
-                sums = marker.get("checksums")
-                if not isinstance(sums, dict) or any(not isinstance(sums.get(name), int) or isinstance(sums.get(name), bool) for name in TEACHER_ARRAYS):
-                    raise CacheCorruptError(f"{self.path}: the marker {rel} lacks the checksums of its chunks; {fix}")
+                for field in ("checksums", "sizes"):
+                    sums = marker.get(field)
+                    if not isinstance(sums, dict) or any(not isinstance(sums.get(name), int) or isinstance(sums.get(name), bool) for name in TEACHER_ARRAYS):
+                        raise CacheCorruptError(f"{self.path}: the marker {rel} lacks the {field} of its chunks; {fix}")
             out.append(marker)
         return out
 
@@ -512,7 +539,7 @@ class CacheStore:
             with self.location.guard("writing unit chunks") if self.location.local is None else contextlib.nullcontext():
                 for name, values in arrays.items():
                     self.array(name)[start:end] = values
-            sums = {name: self.zstore.take_written(name, unit) for name in arrays}
+            written = {name: self.zstore.take_written(name, unit) for name in arrays}
             if self.location.local is not None:
                 for name in arrays:
                     chunk = self.location.local / name / "c" / str(unit)
@@ -523,7 +550,9 @@ class CacheStore:
         except OSError as exc:
             settle_zarr_writes()
             raise CacheError(f"{self.path}: writing unit {unit} failed ({os_problem(exc)}); fix that and rerun the same command: the units already written are kept") from None
-        self.location.write(unit_marker(unit), json.dumps({**stats, "checksums": sums}).encode())
+        sums = {name: crc for name, (crc, _) in written.items()}
+        sizes = {name: size for name, (_, size) in written.items()}
+        self.location.write(unit_marker(unit), json.dumps({**stats, "checksums": sums, "sizes": sizes}).encode())
 
     def finish_if_done(self) -> bool:
         """Mark the cache complete when every unit is done. Idempotent: any writer
@@ -540,10 +569,12 @@ class CacheStore:
         if self.checked:
             # All units' checksums in one object, so a reader needs one read, not one per marker.
             table = {name: np.array([m["checksums"][name] for m in markers], dtype=np.int64) for name in TEACHER_ARRAYS}
-            raw = integrity.encode_table(table)
+            sizes = {name: np.array([m["sizes"][name] for m in markers], dtype=np.int64) for name in TEACHER_ARRAYS}
+            raw = integrity.encode_table(table, sizes)
             self.location.write(UNITS_FILE, raw)
             attrs["checksums"] = {**attrs["checksums"], "units": integrity.digest(raw)}
             self._tables.update(table)
+            self._sizes.update(sizes)
         attrs["complete"] = True
         attrs["quality"] = {
             "mean_abs_kl_distortion": distortion_sum / max(topk_rows, 1),
@@ -586,8 +617,10 @@ def _build_group(path: Path, plan: Plan, attrs: dict[str, Any], vocab_size: int)
     make("topk_logprobs", (n, k), (c, k), np.uint8)
     chunks = {"tokens": c, "loss_mask": c, "offsets": SEQUENCE_CHUNK, "example_id": SEQUENCE_CHUNK}
     lengths = {"tokens": n, "loss_mask": n, "offsets": s + 1, "example_id": s}
-    table = {name: np.array([store.written.get((name, i), FILL) for i in range(max(1, -(-lengths[name] // chunks[name])))], dtype=np.int64) for name in STATIC_ARRAYS}
-    raw = integrity.encode_table(table)
+    entries = {name: [store.written.get((name, i), (FILL, FILL)) for i in range(max(1, -(-lengths[name] // chunks[name])))] for name in STATIC_ARRAYS}
+    table = {name: np.array([e[0] for e in rows], dtype=np.int64) for name, rows in entries.items()}
+    sizes = {name: np.array([e[1] for e in rows], dtype=np.int64) for name, rows in entries.items()}
+    raw = integrity.encode_table(table, sizes)
     (path / "checksums").mkdir(exist_ok=True)
     (path / STATIC_FILE).write_bytes(raw)
     attrs["checksums"] = {"algorithm": integrity.ALGORITHM, "static": integrity.digest(raw)}

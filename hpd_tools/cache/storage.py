@@ -166,6 +166,37 @@ class Location:
             return []
         return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries if e.rstrip("/") != key)
 
+    def chunk_sizes(self, array: str) -> dict[int, int]:
+        """Bytes of each chunk file of a Zarr array chunked along its first axis only
+        (``array/c/I`` or ``array/c/I/0``), by chunk index, from one listing."""
+        out: dict[int, int] = {}
+        if self.local is not None:
+            root = self.local / array / "c"
+            if not root.is_dir():
+                return out
+            for entry in os.scandir(root):
+                if not entry.name.isdigit():
+                    continue
+                if entry.is_dir():
+                    inner = Path(entry.path) / "0"
+                    if inner.is_file():
+                        out[int(entry.name)] = inner.stat().st_size
+                else:
+                    out[int(entry.name)] = entry.stat().st_size
+            return out
+        prefix = self._key(f"{array}/c")
+        try:
+            with self.guard("listing"):
+                self.fs.invalidate_cache(prefix)
+                found = self.fs.find(prefix, detail=True)
+        except FileNotFoundError:
+            return out
+        for key, info in found.items():
+            parts = key[len(prefix) :].strip("/").split("/")
+            if parts and parts[0].isdigit() and (len(parts) == 1 or parts[1:] == ["0"]):
+                out[int(parts[0])] = int(info.get("size") or 0)
+        return out
+
     def size(self, rel: str) -> int:
         """Bytes stored under a folder (prefix)."""
         if self.local is not None:

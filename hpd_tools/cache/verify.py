@@ -103,6 +103,7 @@ def verify_cache(path: str | Path) -> VerifyReport:
                 if marker["checksums"][name] != store._expected(name, marker["unit"]):
                     _fail(path, f"the marker of unit {marker['unit']} and checksums/units.json disagree on array '{name}'")
     store.load_unit_checksums(sorted(done))
+    store.check_chunk_files()
     report = VerifyReport(location=str(path), units_total=n_units, complete=store.complete, units_claimed=len(store.claimed_units() - done),
                           checksums="crc32c" if store.checked else "none (format 1: values checked only)")
     response_tokens = 0
