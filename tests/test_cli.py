@@ -126,4 +126,4 @@ def test_verify_cli_reports_corruption_with_exit_1(teacher, tmp_path):
     (out / "topk_ids" / "c" / "0" / "0").write_bytes(b"garbage")
     proc = run_cli("verify", str(out))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert "topk_ids" in proc.stderr and "chunk 0" in proc.stderr
+    assert "topk_ids" in proc.stderr and "unit 0" in proc.stderr
