@@ -205,3 +205,31 @@ def test_reuse_never_copies_rows_from_a_damaged_donor(pristine, teacher, tmp_pat
 
 # verify and distill through the CLI on every corruption (exit codes, one line, nothing written, nothing trained)
 # are rows of tests/test_fuzz.py, one driver process for all.
+
+
+def _as_format_1(cache: Path) -> None:
+    """What a cache written before checksums looks like: format 1, no tables, markers without checksums."""
+    shutil.rmtree(cache / "checksums")
+    _edit_attrs(cache, lambda a: (a.pop("checksums"), a.__setitem__("format_version", 1)))
+    for marker in (cache / "progress").glob("unit-*.json"):
+        body = json.loads(marker.read_text())
+        body.pop("checksums")
+        body.pop("sizes")
+        marker.write_text(json.dumps(body))
+
+
+def test_format_1_caches_still_read_with_the_checks_they_can_have(pristine, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(pristine["cache"], old)
+    _as_format_1(old)
+    report = verify_cache(old)
+    assert report.complete and report.checksums.startswith("none (format 1")
+    new = [s.label_logprob for s in CacheReader(pristine["cache"], shuffle=False).sequences()]
+    assert all(np.array_equal(a, b) for a, b in zip(new, (s.label_logprob for s in CacheReader(old, shuffle=False).sequences())))
+    # A chunk that no longer decodes is one line naming array and unit; so are missing markers.
+    _chunk(old, "topk_ids", 1).write_bytes(b"\x00garbage" * 8)
+    with pytest.raises(CacheCorruptError, match=r"array 'topk_ids' unit 1 \(positions 256-512\) cannot be read"):
+        list(CacheReader(old, shuffle=False).sequences())
+    (old / "progress" / "unit-00000000.json").unlink()
+    with pytest.raises(CacheCorruptError, match=r"marked complete but only \d+/\d+ units have markers"):
+        CacheReader(old)

@@ -248,7 +248,21 @@ def read_rows(store: CacheStore, name: str, rows: slice, what: str) -> np.ndarra
         raise
     except Exception as exc:  # codecs raise their own types (LZMAError, RuntimeError from zstd/blosc, ValueError)
         text = str(exc).splitlines()[0] if str(exc) else ""
-        raise CacheCorruptError(f"{store.path}: array '{name}' ({what}) cannot be read ({type(exc).__name__}: {text}); the cache is damaged: delete it and rerun `hpd-tools cache`") from None
+        raise CacheCorruptError(f"{store.path}: array '{name}' {_failing_chunk(store, name, rows) or f'({what})'} cannot be read ({type(exc).__name__}: {text}); "
+                                "the cache is damaged: delete it and rerun `hpd-tools cache`") from None
+
+
+def _failing_chunk(store: CacheStore, name: str, rows: slice) -> str | None:
+    """Which chunk of a multi-chunk read fails to decode, for the message."""
+    array = store.array(name)
+    size = array.chunks[0]
+    start, stop, _ = rows.indices(array.shape[0])
+    for chunk in range(start // size, max(stop - 1, start) // size + 1):
+        try:
+            array[chunk * size : (chunk + 1) * size]
+        except Exception:
+            return store._describe(name, chunk)
+    return None
 
 
 def check_offsets(store: CacheStore, offsets: np.ndarray) -> None:
