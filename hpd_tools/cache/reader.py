@@ -254,7 +254,10 @@ def read_rows(store: CacheStore, name: str, rows: slice, what: str) -> np.ndarra
 
 def _failing_chunk(store: CacheStore, name: str, rows: slice) -> str | None:
     """Which chunk of a multi-chunk read fails to decode, for the message."""
-    array = store.array(name)
+    try:
+        array = store.array(name)
+    except Exception:  # the array's metadata itself is damaged
+        return None
     size = array.chunks[0]
     start, stop, _ = rows.indices(array.shape[0])
     for chunk in range(start // size, max(stop - 1, start) // size + 1):
