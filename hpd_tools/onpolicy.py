@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from .cache.reader import Batch, CachedSequence, CacheReader, collate
-from .engines.base import Scored
+from .engines.base import LOGPROB_CHUNK_ROWS, Scored, chunked_logprobs
 from .errors import HPDError, TeacherUnavailable
 
 log = logging.getLogger(__name__)
@@ -206,18 +206,31 @@ class OnPolicy:
 
     @torch.no_grad()
     def _student_logprobs(self, model: Any, prompts: list[np.ndarray], completions: list[np.ndarray], device: torch.device) -> list[np.ndarray]:
-        """log pi_s (temperature 1) of each completion's tokens."""
+        """log pi_s (temperature 1) of each completion's tokens.
+
+        Only the completions' positions reach the LM head, in chunks of
+        ``loss_chunk_tokens`` rows (gather + logsumexp): never [batch, length, vocab]."""
         seqs = [np.concatenate([p, c]).astype(np.int64) for p, c in zip(prompts, completions)]
         width = max(len(x) for x in seqs)
         ids = torch.zeros((len(seqs), width), dtype=torch.long)
         attn = torch.zeros_like(ids)
-        for i, x in enumerate(seqs):
+        scored = torch.zeros((len(seqs), width - 1), dtype=torch.bool)  # position i predicts token i+1
+        for i, (x, p, c) in enumerate(zip(seqs, prompts, completions)):
             ids[i, : len(x)] = torch.from_numpy(x)
             attn[i, : len(x)] = 1
-        ids, attn = ids.to(device), attn.to(device)
-        logits = model(input_ids=ids, attention_mask=attn).logits.float()
-        lp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, ids[:, 1:, None])[..., 0].cpu().numpy()
-        return [lp[i][len(p) - 1 : len(p) - 1 + len(c)] for i, (p, c) in enumerate(zip(prompts, completions))]
+            scored[i, len(p) - 1 : len(p) - 1 + len(c)] = True
+        labels = ids[:, 1:][scored]
+        was_training = model.training
+        model.eval()
+        try:
+            hidden = model.base_model(input_ids=ids.to(device), attention_mask=attn.to(device), use_cache=False).last_hidden_state
+        finally:
+            model.train(was_training)
+        rows = hidden[:, :-1][scored.to(hidden.device)]
+        del hidden
+        chunk = int(getattr(self.config, "loss_chunk_tokens", 0) or LOGPROB_CHUNK_ROWS)
+        lp, _, _ = chunked_logprobs(model.get_output_embeddings(), rows, labels, chunk_rows=chunk)
+        return list(np.split(lp.cpu().numpy(), np.cumsum([len(c) for c in completions])[:-1]))
 
     def round(self, model: Any, device: torch.device, lockstep: Any = None) -> dict[str, Any]:
         """Sample, score, add to the buffer. Returns the round's metrics.

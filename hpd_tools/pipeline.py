@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -84,9 +85,19 @@ def _stage(name: str) -> float:
     return time.time()
 
 
-def onpolicy_eval(model: Any, tokenizer: Any, teacher_dir: str, prompt_cache: str, n_prompts: int, max_new_tokens: int, seed: int) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+def run_device() -> torch.device:
+    """Where the pipeline's evaluation and on-policy rounds run: the device distill
+    trains on (hpd_tools.parallel.init_world), the process's GPU when there is one."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def onpolicy_eval(model: Any, tokenizer: Any, teacher_dir: str, prompt_cache: str, n_prompts: int, max_new_tokens: int, seed: int,
+                  device: torch.device | None = None) -> tuple[dict[str, Any], list[tuple[str, str]]]:
     """The student's own samples for held-out prompts, scored by the teacher
-    (transformers engine): reverse KL and teacher NLL per sampled token."""
+    (transformers engine): reverse KL and teacher NLL per sampled token.
+    ``model`` is on ``device`` (default: :func:`run_device`)."""
     from .onpolicy import OnPolicy
 
     cfg = SimpleNamespace(seed=seed, onpolicy_buffer=n_prompts, sample_prompts=n_prompts, sample_max_new_tokens=max_new_tokens,
@@ -96,7 +107,7 @@ def onpolicy_eval(model: Any, tokenizer: Any, teacher_dir: str, prompt_cache: st
 
     store = CacheStore(prompt_cache)
     op = OnPolicy(cfg, tokenizer, prompt_cache, k=store.k, max_length=int(store.attrs["max_length"]))
-    metrics = op.round(model, torch.device("cpu"))
+    metrics = op.round(model, device or run_device())
     texts = []
     for r in op.buffer:
         cut = int(r.loss_mask.argmax()) + 1
@@ -189,9 +200,10 @@ def evaluate_model(config: PipelineConfig, prep: Prepared, model_dir: Path, dcfg
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(prep.student)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    metrics = evaluate(model, prep.caches["heldout"], dcfg, torch.device("cpu"))
-    on, texts = onpolicy_eval(model, tokenizer, prep.teacher, prep.caches["heldout"], config.eval_prompts, config.eval_max_new_tokens, config.seed)
+    device = run_device()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
+    metrics = evaluate(model, prep.caches["heldout"], dcfg, device)
+    on, texts = onpolicy_eval(model, tokenizer, prep.teacher, prep.caches["heldout"], config.eval_prompts, config.eval_max_new_tokens, config.seed, device)
     return {**metrics, **{k: v for k, v in on.items() if k in ("onpolicy/rkl", "onpolicy/teacher_nll", "onpolicy/mean_length")}}, texts
 
 

@@ -126,8 +126,12 @@ def _resolve_dtype(dtype: str, engine: str) -> str:
         return dtype
     import torch
 
+    if engine == "hf":  # bfloat16 on GPUs that have it, float32 elsewhere (engines/hf.py)
+        from ..engines.hf import auto_dtype
+
+        return auto_dtype()
     # No native bf16 on CPU: vLLM ran ~3x slower in bf16 there (DESIGN.md 5).
-    return "float32" if engine == "hf" or not torch.cuda.is_available() else "auto"
+    return "auto" if torch.cuda.is_available() else "float32"
 
 
 def _check_teacher(path: str) -> dict[str, Any]:

