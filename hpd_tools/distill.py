@@ -22,6 +22,7 @@ The loop, top to bottom (``train``):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import json
 import logging
@@ -44,7 +45,7 @@ from .cache.layout import CacheStore, is_cache
 from .cache.reader import Batch, CacheReader
 from .errors import HPDError
 from .hashing import tokenizer_hash
-from .losses import LOSSES, Targets, compute_loss, restrict_to_width
+from .losses import LOSSES, SAMPLING_LOSSES, Targets, compute_loss, restrict_to_width, sample_from_logits
 from .progress import Progress
 from .parallel import World, full_state, init_world, load_optimizer, wrap
 from .stream import Prefetcher, StepStream
@@ -71,12 +72,14 @@ class DistillConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.95)
     max_grad_norm: float = 1.0
-    dtype: str = "float32"  # float32 or bfloat16 (autocast)
+    dtype: str = "auto"  # auto (bfloat16 autocast on CUDA with bf16, else float32), float32 or bfloat16; the weights stay float32
+    attn_implementation: str | None = None  # the student's attention (transformers' attn_implementation); None: transformers' default
     loss_chunk_tokens: int = 1024
     eval_cache: str | None = None
     eval_every: int = 0  # 0: eval once, at the end
     eval_batches: int = 0  # 0: the whole eval cache
     save_every: int = 0
+    keep_checkpoints: int = 0  # the newest N complete step-* checkpoints are kept; 0: all
     log_every: int = 1
     seed: int = 0
     resume: bool = False
@@ -126,8 +129,10 @@ class DistillConfig:
                 raise HPDError(f"{_flag(name)} {value}: must be {span}")
         if len(self.betas) != 2 or not all(_is_real(b) and 0.0 <= b < 1.0 for b in self.betas):
             raise HPDError(f"--betas {' '.join(map(str, self.betas))}: give two numbers in [0, 1)")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise HPDError(f"--dtype {self.dtype}: choose float32 or bfloat16")
+        if self.dtype not in DTYPES:
+            raise HPDError(f"--dtype {self.dtype}: choose {', '.join(DTYPES)}")
+        if self.attn_implementation is not None and not (isinstance(self.attn_implementation, str) and self.attn_implementation.strip()):
+            raise HPDError(f"--attn-implementation {self.attn_implementation!r}: give an implementation transformers knows (sdpa, eager, flash_attention_2, ...)")
         if self.eval_every and not self.eval_cache:
             raise HPDError("--eval-every needs --eval-cache")
         if self.sample_every and not self.online_teacher:
@@ -155,9 +160,10 @@ class DistillConfig:
 # that can hold one training position.
 _INT_MINIMUMS = {
     "max_steps": 1, "batch_tokens": 2, "grad_accum": 1, "loss_chunk_tokens": 1, "log_every": 1, "seed": 0,
-    "warmup_steps": 0, "save_every": 0, "eval_every": 0, "eval_batches": 0, "pack_width": 0,
+    "warmup_steps": 0, "save_every": 0, "keep_checkpoints": 0, "eval_every": 0, "eval_batches": 0, "pack_width": 0,
     "sample_every": 0, "sample_prompts": 1, "sample_max_new_tokens": 1, "onpolicy_buffer": 1,
 }
+DTYPES = ("auto", "float32", "bfloat16")
 # Real options: (name, low, high, low excluded, high excluded).
 _REAL_RANGES = [
     ("lr", 0.0, math.inf, True, False),
@@ -218,16 +224,57 @@ def lr_factor(step: int, config: DistillConfig, horizon: int | None = None) -> f
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def load_student(path: str) -> tuple[Any, Any]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """``--dtype`` as a run on ``device`` computes: "auto" is bfloat16 on a CUDA
+    device with native bf16, float32 elsewhere (a CPU has no fast bf16 path)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False) else "float32"
+
+
+def autocast(dtype: str, device: torch.device) -> Any:
+    """The student's forward passes at ``--dtype``: bfloat16 autocast over the
+    float32 weights (the master copy the optimizer updates), or plain float32."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=resolve_dtype(dtype, device) == "bfloat16")
+
+
+def set_matmul_precision(dtype: str, device: torch.device) -> None:
+    """float32 on CUDA: allow TF32 matmuls (torch's default is full fp32, several times slower)."""
+    if device.type == "cuda" and dtype == "float32":
+        torch.set_float32_matmul_precision("high")
+
+
+def _first_line(exc: BaseException, limit: int = 200) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def load_student(path: str, attn_implementation: str | None = None) -> tuple[Any, Any]:
+    """The student (float32 weights) and its tokenizer; ``attn_implementation``
+    goes to transformers (None: its default)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not Path(path).is_dir():
         raise HPDError(f"--student {path}: no such folder; give a Hugging Face model folder")
+    attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model_config = AutoConfig.from_pretrained(path)
     except Exception as exc:  # transformers raises many types for a broken folder
-        raise HPDError(f"--student {path}: does not load as a causal LM ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise HPDError(f"--student {path}: does not load as a causal LM ({_first_line(exc)})") from None
+    if attn:
+        # Built on the meta device (no memory, no weights read), so that a refusal
+        # is told apart from a broken folder.
+        try:
+            with torch.device("meta"):
+                AutoModelForCausalLM.from_config(model_config, **attn)
+        except Exception as exc:  # ImportError (a missing package), ValueError (an unknown name), ...
+            raise HPDError(f"--attn-implementation {attn_implementation}: transformers refuses it for --student {path} ({_first_line(exc, 160)}); "
+                           "choose sdpa or eager, or install what it names") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **attn)
+    except Exception as exc:
+        raise HPDError(f"--student {path}: does not load as a causal LM ({_first_line(exc)})") from None
     return model, tokenizer
 
 
@@ -308,28 +355,38 @@ def packing_works(model: Any) -> bool:
 
 
 def _slice(t: Targets, a: int, b: int) -> Targets:
-    return Targets(**{name: getattr(t, name)[a:b] for name in Targets.__dataclass_fields__})
+    return Targets(**{f.name: None if getattr(t, f.name) is None else getattr(t, f.name)[a:b] for f in fields(Targets)})
 
 
 def chunked_loss(model: Any, hidden: torch.Tensor, targets: Targets, config: DistillConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sum of the per-token loss over ``hidden``'s rows, one chunk of rows at a time.
 
     Each chunk's logits are built, used and freed inside a checkpointed call, so
-    backward recomputes them chunk by chunk instead of keeping [rows, vocab]
-    (the loss is deterministic given its inputs: the student-sampled tokens
-    come from ``targets.noise``, so the recomputation samples the same ones).
+    backward recomputes them chunk by chunk instead of keeping [rows, vocab].
+    A loss that samples y' (hpd, rkl) draws it once, from the forward pass's
+    logits, and the recomputation reuses that draw (T longs per chunk): its
+    logits need not be bit-identical on a GPU, and a resampled y' near a CDF
+    boundary would train another token than the one the weight was computed
+    for. Backward then skips the sampler's softmax and cumsum, too.
     """
     head = model.get_output_embeddings()
+    samples = config.loss in SAMPLING_LOSSES
 
-    def run(h: torch.Tensor, t: Targets) -> Any:
-        return compute_loss(config.loss, head(h), t, **config.loss_options)
+    def run(h: torch.Tensor, t: Targets, drawn: list[torch.Tensor]) -> Any:
+        logits = head(h)
+        if samples:
+            if not drawn:  # the forward pass; the recomputation finds the draw here
+                drawn.append(sample_from_logits(logits, t.noise))
+            t = dataclasses.replace(t, sampled=drawn[0])
+        return compute_loss(config.loss, logits, t, **config.loss_options)
 
     total = hidden.new_zeros((), dtype=torch.float32)
     stats: dict[str, torch.Tensor] = {}
     for a in range(0, hidden.shape[0], config.loss_chunk_tokens):
         b = min(a + config.loss_chunk_tokens, hidden.shape[0])
         part = _slice(targets, a, b)
-        out = checkpoint(run, hidden[a:b], part, use_reentrant=False) if torch.is_grad_enabled() else run(hidden[a:b], part)
+        drawn: list[torch.Tensor] = [part.sampled] if part.sampled is not None else []
+        out = checkpoint(run, hidden[a:b], part, drawn, use_reentrant=False) if torch.is_grad_enabled() else run(hidden[a:b], part, drawn)
         total = total + out.loss_sum.float()
         for name, value in out.stats.items():
             stats[name] = stats.get(name, 0) + value.detach().double()
@@ -375,14 +432,56 @@ def _as_step_module(model: Any, config: DistillConfig) -> Any:
 # -- checkpoints -------------------------------------------------------------------
 
 def _checkpoints(out: Path) -> list[Path]:
-    return sorted(p for p in out.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
+    """The step-N folders in ``out``, oldest first (by N: step-1000000 follows step-999999)."""
+    found = [p for p in out.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def _cuda_rng() -> list[list[int]] | None:
+    """Every CUDA device's generator state (HF ``generate`` samples with it on a
+    GPU); None without CUDA."""
+    return [state.tolist() for state in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else None
+
+
+def _restore_cuda_rng(states: list[list[int]] | None, ckpt: Path) -> None:
+    """The CUDA generators as the checkpoint saved them, when there are as many
+    devices now; else a warning (on-policy samples then differ from an
+    uninterrupted run's; the cached-data steps do not, their noise is on the CPU)."""
+    if not torch.cuda.is_available():
+        return
+    if states is not None and len(states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([torch.tensor(state, dtype=torch.uint8) for state in states])
+        return
+    saved = "no CUDA generators" if states is None else f"the CUDA generators of {len(states)} devices"
+    log.warning("--resume %s: the checkpoint holds %s, this process sees %d devices; on-policy rollouts will not repeat the uninterrupted run's", ckpt, saved, torch.cuda.device_count())
+
+
+def prune_checkpoints(out: Path, keep: int) -> list[Path]:
+    """Delete all but the newest ``keep`` complete checkpoints (0: keep all).
+    Complete: renamed from .tmp, with its meta.json; a .tmp being written is
+    never touched and the newest complete checkpoint never deleted. A folder is
+    renamed out of the step-* names before it is deleted, so a crash mid-way
+    leaves no half-deleted checkpoint to resume from. Returns what was deleted."""
+    for stale in out.glob(".deleting-step-*"):  # an earlier prune that did not finish
+        shutil.rmtree(stale, ignore_errors=True)
+    if keep <= 0:
+        return []
+    complete = [p for p in _checkpoints(out) if (p / "meta.json").is_file()]
+    deleted = []
+    for old in complete[:-keep]:
+        doomed = out / f".deleting-{old.name}"
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        deleted.append(old)
+    return deleted
 
 
 def save_checkpoint(out: Path, step: int, model: Any, tokenizer: Any, optimizer: Any, scheduler: Any, stream: StepStream | Prefetcher, noise: dict[int, torch.Generator], config: DistillConfig, onpolicy: Any = None, world: World | None = None, metrics_rows: int = 0, rollout_noise: torch.Generator | None = None, run_meta: dict[str, Any] | None = None) -> Path:
     """step-XXXXXX/: the student (HF format), optimizer (keyed by parameter name)
     + scheduler, and meta.json (config, step, every data slot's stream position
-    and RNG, every rank's torch and rollout RNG, ``run_meta``: the caches' keys and
-    the schedule's horizon). Rank 0 writes it under .tmp and renames; a collective under
+    and RNG, every rank's torch, CUDA and rollout RNG, ``run_meta``: the caches' keys,
+    the schedule's horizon, the resolved dtype). Rank 0 writes it under .tmp and
+    renames, then keeps the newest ``--keep-checkpoints``; a collective under
     torchrun (every rank calls it)."""
     world = world or World()
     model_state, optim_state = full_state(model, optimizer, world, fsdp=config.fsdp)
@@ -393,7 +492,8 @@ def save_checkpoint(out: Path, step: int, model: Any, tokenizer: Any, optimizer:
         for j, st in part["noise"].items():
             slots[j]["noise_rng"] = st
     onpolicy_parts = world.gather((onpolicy.state(), onpolicy.buffer_arrays())) if onpolicy is not None else None
-    ranks = world.gather({"torch_rng": torch.get_rng_state().tolist(), "rollout_rng": rollout_noise.get_state().tolist() if rollout_noise is not None else None})
+    ranks = world.gather({"torch_rng": torch.get_rng_state().tolist(), "cuda_rng": _cuda_rng(),
+                          "rollout_rng": rollout_noise.get_state().tolist() if rollout_noise is not None else None})
     final = out / f"step-{step:06d}"
     if world.main:
         tmp = out / f"step-{step:06d}.tmp"
@@ -418,6 +518,8 @@ def save_checkpoint(out: Path, step: int, model: Any, tokenizer: Any, optimizer:
         (tmp / "meta.json").write_text(json.dumps(meta))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
+        for old in prune_checkpoints(out, config.keep_checkpoints):
+            log.info("--keep-checkpoints %d: deleted %s", config.keep_checkpoints, old)
     world.barrier()
     return final
 
@@ -445,18 +547,19 @@ def evaluate(model: Any, path: str, config: DistillConfig, device: torch.device,
     was_training = step_module.training
     step_module.eval()
     done, last = 0, None
-    for i, batch in enumerate(reader.batches(config.batch_tokens)):
-        if i >= n:
-            break
-        last = batch
-        if i % world.world_size == world.rank:
-            inputs, t = to_targets(batch, device)
-            sums += step_module(inputs, torch.from_numpy(batch.loss_mask).to(device), t, evaluate=True)
+    with autocast(config.dtype, device):  # the training forward's precision
+        for i, batch in enumerate(reader.batches(config.batch_tokens)):
+            if i >= n:
+                break
+            last = batch
+            if i % world.world_size == world.rank:
+                inputs, t = to_targets(batch, device)
+                sums += step_module(inputs, torch.from_numpy(batch.loss_mask).to(device), t, evaluate=True)
+                done += 1
+        while last is not None and done < rounds:  # keep FSDP2's collectives in step
+            inputs, t = to_targets(last, device)
+            step_module(inputs, torch.from_numpy(last.loss_mask).to(device), t, evaluate=True)
             done += 1
-    while last is not None and done < rounds:  # keep FSDP2's collectives in step
-        inputs, t = to_targets(last, device)
-        step_module(inputs, torch.from_numpy(last.loss_mask).to(device), t, evaluate=True)
-        done += 1
     step_module.train(was_training)
     fkl, student_nll, teacher_nll, count, dropped = world.sum(sums.tolist())
     c = max(count, 1)
@@ -505,11 +608,16 @@ def micro_step(model: Any, batch: Batch, noise_gen: torch.Generator, config: Dis
     step_module = _as_step_module(model, config)
     inputs, targets = to_targets(batch, device)
     targets.noise = torch.rand(targets.labels.shape[0], generator=noise_gen).to(device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.dtype == "bfloat16")
-    with autocast:
+    with autocast(config.dtype, device):
         loss_sum, stats = step_module(inputs, torch.from_numpy(batch.loss_mask).to(device), targets)
     (loss_sum * scale).backward()
     return float(loss_sum.detach()), stats
+
+
+def _sequences(batches: list[Batch]) -> str:
+    """The step's sequence indices, as an error message shows them."""
+    seqs = [int(i) for b in batches for i in b.indices]
+    return f"{seqs[:8]}{'...' if len(seqs) > 8 else ''}"
 
 
 def _noise_generator(seed: int, stream: int) -> torch.Generator:
@@ -660,6 +768,8 @@ RESUME_MAY_CHANGE = {
     "save_every": "checkpoints only",
     "log_every": "logging only",
     "loss_chunk_tokens": "memory only: the chunked loss equals the unchunked one",
+    "keep_checkpoints": "checkpoints only",
+    "attn_implementation": "how attention is computed, not what: the implementations compute the same function",
     "grad_accum": "checked as the slot count, processes x --grad-accum",
     "fsdp": "checkpoints hold whole tensors",
     "student": "the weights come from the checkpoint",
@@ -717,9 +827,11 @@ def _show(name: str, value: Any) -> str:
     return f"(no {flag})" if value is None else f"{flag} {value}"
 
 
-def check_resume(ckpt: Path, meta: dict[str, Any], config: DistillConfig) -> None:
+def check_resume(ckpt: Path, meta: dict[str, Any], config: DistillConfig, device: torch.device | None = None) -> None:
     """The checkpoint continues this run: every option outside RESUME_MAY_CHANGE
-    equals the checkpoint's; one line names each change with both values."""
+    equals the checkpoint's; one line names each change with both values.
+    ``--dtype`` is compared as resolved (``auto`` on this ``device`` against the
+    dtype the checkpoint's run resolved it to)."""
     step = int(meta["step"])
     if config.max_steps < step:
         raise HPDError(f"--max-steps {config.max_steps}: the checkpoint {ckpt} is at step {step}; give at least {step}")
@@ -728,6 +840,11 @@ def check_resume(ckpt: Path, meta: dict[str, Any], config: DistillConfig) -> Non
     theirs_keys = meta.get("cache_keys")
     keys = cache_keys(config) if theirs_keys else None
     a, b = _run_options(saved, theirs_keys), _run_options(mine, keys)
+    # Checkpoints from before "auto" hold float32 or bfloat16 in their config.
+    a["dtype"] = meta.get("dtype") or resolve_dtype(saved["dtype"], torch.device("cpu"))
+    b["dtype"] = resolve_dtype(mine["dtype"], device or torch.device("cpu"))
+    resolved = lambda raw, value: f"auto ({value})" if raw == "auto" else raw  # noqa: E731
+    saved["dtype"], mine["dtype"] = resolved(saved["dtype"], a["dtype"]), resolved(mine["dtype"], b["dtype"])
     changed = [name for name in a if a[name] != b[name]]
     if "sample_every" in changed and 0 in (saved["sample_every"], mine["sample_every"]):
         changed = [name for name in changed if name not in _ONPOLICY or name == "online_teacher"]
@@ -771,7 +888,7 @@ def _find_resume(out: Path, config: DistillConfig, world: World) -> Path | None:
             )
         if "onpolicy" in meta and meta.get("world_size") != world.world_size:
             raise HPDError(f"--resume {ckpt}: on-policy state was saved by {meta.get('world_size')} processes; resume it with as many")
-        check_resume(ckpt, meta, config)
+        check_resume(ckpt, meta, config, world.device)
         return ckpt
     if not config.resume and (existing or (out / "metrics.jsonl").exists()):
         raise HPDError(f"--out {out}: holds an earlier run; pass --resume to continue it, or choose another --out")
@@ -841,7 +958,18 @@ def train(config: DistillConfig) -> dict[str, Any]:
         world.close()
 
 
+def check_online_teacher_placement(config: DistillConfig, world: World) -> None:
+    """Refuse an in-process vLLM online teacher on more than one rank: vLLM's
+    uniproc executor takes its GPU from its own local rank (0), not from the
+    rank's device, so every rank's engine would land on GPU 0."""
+    folder = config.online_teacher and not config.online_teacher.startswith(("http://", "https://"))
+    if world.world_size > 1 and config.sample_every and folder and config.online_engine == "vllm":
+        raise HPDError(f"--online-teacher {config.online_teacher} --online-engine vllm: under torchrun ({world.world_size} processes) every rank's "
+                       "in-process vLLM engine would run on the first GPU; give --online-teacher URL (a running vLLM server) or --online-engine hf")
+
+
 def _train(config: DistillConfig, world: World) -> dict[str, Any]:
+    check_online_teacher_placement(config, world)
     out = Path(config.out)
     # Rank 0 checks --out and decides whether and where to resume; every rank learns the outcome.
     ckpt, marker, problem = _prepare_out(config, world) if world.main else (None, None, None)
@@ -850,7 +978,12 @@ def _train(config: DistillConfig, world: World) -> dict[str, Any]:
         raise HPDError(problem)
     torch.manual_seed(config.seed + world.rank)  # on-policy sampling: each rank its own draws
     device = world.device
-    model, tokenizer = load_student(config.student)
+    dtype = resolve_dtype(config.dtype, device)  # once: the loop, evaluation and checkpoints use the resolved value
+    set_matmul_precision(dtype, device)
+    log.info("precision: %s on %s%s", "bfloat16 autocast, float32 weights" if dtype == "bfloat16" else "float32",
+             device, " (TF32 matmuls)" if device.type == "cuda" and dtype == "float32" else "")
+    step_config = dataclasses.replace(config, dtype=dtype)
+    model, tokenizer = load_student(config.student, config.attn_implementation)
     stores = check_caches(config.caches, tokenizer)
     if config.eval_cache:
         check_caches([config.eval_cache], tokenizer, what="--eval-cache")
@@ -863,13 +996,17 @@ def _train(config: DistillConfig, world: World) -> dict[str, Any]:
     my_slots = list(range(world.rank * config.grad_accum, (world.rank + 1) * config.grad_accum))
     if config.pack and not packing_works(model):
         raise HPDError(f"--pack: the student {config.student} ({type(model).__name__}) mixes packed sequences (its attention does not follow position-id boundaries); train without --pack")
+    attention = getattr(model.config, "_attn_implementation", None)
+    if config.pack and attention != "flash_attention_2":
+        log.info("--pack with attention %s: packed rows use a block-diagonal mask (no variable-length kernel); "
+                 "--attn-implementation flash_attention_2 trains them without one", attention)
     stream = StepStream(config.caches, slots=my_slots, n_slots=n_slots, weights=config.cache_weights or None, batch_tokens=config.batch_tokens, seed=config.seed, packed=config.pack, pack_width=config.pack_width or None)
     noise = {j: _noise_generator(config.seed, j) for j in my_slots}
     rollout_noise = _noise_generator(config.seed, -1 - world.rank)
     onpolicy = None
     # What every checkpoint records about the run besides its config: the caches'
     # identity (a moved cache keeps its key) and the schedule's horizon.
-    run_meta: dict[str, Any] = {"cache_keys": {"caches": [s.key for s in stores], "prompt_cache": None}}
+    run_meta: dict[str, Any] = {"cache_keys": {"caches": [s.key for s in stores], "prompt_cache": None}, "dtype": dtype}
     if config.sample_every:
         from .onpolicy import OnPolicy
 
@@ -900,7 +1037,7 @@ def _train(config: DistillConfig, world: World) -> dict[str, Any]:
     if ckpt is not None and world.distributed:  # ranks other than 0 take rank 0's weights
         for tensor in model.state_dict().values():
             torch.distributed.broadcast(tensor, src=0)
-    module = wrap(StudentLoss(model, config), model, world, fsdp=config.fsdp)
+    module = wrap(StudentLoss(model, step_config), model, world, fsdp=config.fsdp, dtype=dtype)
     optimizer = torch.optim.AdamW(module.parameters(), lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
     # The schedule's horizon is the run's first --max-steps: a resumed run that
     # stops later or earlier follows the same learning rates (flat after it).
@@ -918,6 +1055,7 @@ def _train(config: DistillConfig, world: World) -> dict[str, Any]:
             gen.set_state(torch.tensor(meta["slots"][str(j)]["noise_rng"], dtype=torch.uint8))
         mine = meta["ranks"][world.rank] if meta["world_size"] == world.world_size else meta["ranks"][0]
         torch.set_rng_state(torch.tensor(mine["torch_rng"], dtype=torch.uint8))
+        _restore_cuda_rng(mine.get("cuda_rng"), ckpt)
         if mine["rollout_rng"] is not None:
             rollout_noise.set_state(torch.tensor(mine["rollout_rng"], dtype=torch.uint8))
         start_step = int(meta["step"])
@@ -983,7 +1121,7 @@ def _train(config: DistillConfig, world: World) -> dict[str, Any]:
                     module.set_requires_gradient_sync(final_pass)
                 context = sync() if sync is not None and not final_pass else contextlib.nullcontext()
                 with context:
-                    loss_sum, batch_stats = micro_step(module, batch, gen, config, device, batch_scale)
+                    loss_sum, batch_stats = micro_step(module, batch, gen, step_config, device, batch_scale)
                 if batch is rollouts:
                     on_local = loss_sum
                     continue
@@ -999,10 +1137,12 @@ def _train(config: DistillConfig, world: World) -> dict[str, Any]:
                 on_loss = on_total / n_on
                 loss = (1.0 - w) * loss + w * on_loss
             if not math.isfinite(loss):
-                seqs = [int(i) for b in batches for i in b.indices]
-                raise HPDError(f"step {step + 1}: loss is {loss} on the batch of sequences {seqs[:8]}{'...' if len(seqs) > 8 else ''}; the last good checkpoint is kept; lower --lr or check the cache with `hpd-tools verify`")
+                raise HPDError(f"step {step + 1}: loss is {loss} on the batch of sequences {_sequences(batches)}; the last good checkpoint is kept; lower --lr or check the cache with `hpd-tools verify`")
             grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), config.max_grad_norm)
             grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+            if not math.isfinite(grad_norm):  # the same on every rank: the gradients are all-reduced before the norm
+                raise HPDError(f"step {step + 1}: gradient norm is {grad_norm} (loss {loss:.6g}) on the batch of sequences {_sequences(batches)}; the optimizer did not step "
+                               "and the last good checkpoint is kept; lower --lr, check the student's weights, or check the cache with `hpd-tools verify`")
             lr = optimizer.param_groups[0]["lr"]
             optimizer.step()
             scheduler.step()
@@ -1028,7 +1168,7 @@ def _train(config: DistillConfig, world: World) -> dict[str, Any]:
                 if metrics is not None:
                     metrics.log(done, step_metrics)
             if config.eval_cache and ((config.eval_every and done % config.eval_every == 0) or done == config.max_steps):
-                latest_eval = evaluate(module, config.eval_cache, config, device, world)
+                latest_eval = evaluate(module, config.eval_cache, step_config, device, world)
                 if metrics is not None:
                     metrics.log(done, latest_eval)
             if config.save_every and done % config.save_every == 0 and done < config.max_steps:

@@ -9,8 +9,11 @@ Each function returns the SUM over active positions of its per-token loss
 the training loop divides once by the global active count. Notation:
 ``ls = log pi_s`` (log_softmax of the logits in float32), ``lt = log p_T``,
 ``y`` the data token, ``y'`` a token sampled from ``pi_s`` by inverse CDF with
-the chunk's ``noise`` (no RNG inside, so a recomputation under
-``torch.utils.checkpoint`` draws the same ``y'``).
+the chunk's ``noise`` (no RNG inside), or ``targets.sampled`` when the caller
+drew it already: ``hpd_tools.distill.chunked_loss`` draws ``y'`` once, in the
+forward pass, and hands it to the recomputation under ``torch.utils.checkpoint``,
+whose logits need not be bit-identical on a GPU (a bf16 logit near a CDF
+boundary would flip ``y'``). ``SAMPLING_LOSSES`` names the losses that use ``y'``.
 
 Positions with ``mask`` False are dropped before any arithmetic: they add
 nothing to the loss and get exactly zero gradient, whatever their logits or
@@ -53,7 +56,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import torch
@@ -76,9 +79,10 @@ class Targets:
     topk_ids: Tensor  # long [T, k]: teacher top-k ids by rank
     topk_logprobs: Tensor  # float [T, k]: teacher top-k log-probs (<= 0, sorted desc)
     noise: Tensor  # float [T]: uniform(0, 1) draws for sampling y' ~ pi_s
+    sampled: Tensor | None = None  # long [T]: y' already drawn from these logits with this noise; None: draw it here
 
     def rows(self, index: Tensor) -> Targets:
-        return Targets(*(getattr(self, f)[index] for f in ("labels", "mask", "label_logprob", "topk_ids", "topk_logprobs", "noise")))
+        return Targets(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index] for f in fields(self)})
 
 
 @dataclass
@@ -120,6 +124,11 @@ class _Student:
         """log of the student's mass outside ``ids`` [T, k] (requires k < V)."""
         rest = self.z.scatter(-1, ids, float("-inf"))
         return torch.logsumexp(rest, dim=-1) - self.lse
+
+
+def _sampled(s: _Student, t: Targets) -> Tensor:
+    """y' [T]: the caller's draw when it made one (``t.sampled``), else drawn here."""
+    return t.sampled.long() if t.sampled is not None else sample_from_logits(s.z, t.noise)
 
 
 def restrict_to_width(topk_ids: Tensor, topk_logprobs: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -291,7 +300,7 @@ def fkl(logits: Tensor, t: Targets, *, tail: str = "bucket") -> LossOutput:
 def rkl(logits: Tensor, t: Targets, *, tail_estimate: str = "kth") -> LossOutput:
     """Reverse KL(pi_s || p_T) by a policy-gradient step on one sampled token.
 
-    y' ~ pi_s (inverse CDF with ``noise``), w = lt(y') - ls(y') (detached),
+    y' ~ pi_s (inverse CDF with ``noise``, or ``sampled``), w = lt(y') - ls(y') (detached),
     loss_t = -w * ls(y'). In expectation over y' its gradient is the gradient of
     KL(pi_s || p_T) (with lt(y') as estimated, see the module docstring).
     Shapes: logits [T, V]. stats: rkl_estimate (sum of ls(y') - lt(y'), the
@@ -300,7 +309,7 @@ def rkl(logits: Tensor, t: Targets, *, tail_estimate: str = "kth") -> LossOutput
     _check("tail_estimate", tail_estimate, TAIL_ESTIMATES)
     s, a = _active(logits, t)
     top = _topk(a, s.vocab)
-    y2 = sample_from_logits(s.z, a.noise)
+    y2 = _sampled(s, a)
     ls = s.at(y2)
     lt, in_topk = _teacher_logprob_at(y2, a, top, s.vocab, tail_estimate)
     w = lt - ls.detach()
@@ -385,7 +394,7 @@ def hpd(logits: Tensor, t: Targets, *, tail_estimate: str = "kth") -> LossOutput
         loss_t = -w_y * ls(y) - w_y' * ls(y') * [y' != y]
 
     y the data token with lt(y) = label_logprob; y' ~ pi_s by inverse CDF with
-    ``noise``; lt(y') per the module docstring (option ``tail_estimate``).
+    ``noise`` (or ``sampled``); lt(y') per the module docstring (option ``tail_estimate``).
     Shapes: logits [T, V]. stats (sums; the masks count even where y' == y):
     frac_mf, frac_mr, frac_both, frac_yprime_ne_y, g, r, frac_yprime_outside_topk,
     dropped_mass, and nll (the student's -ls(y): the surrogate loss itself sits
@@ -395,7 +404,7 @@ def hpd(logits: Tensor, t: Targets, *, tail_estimate: str = "kth") -> LossOutput
     s, a = _active(logits, t)
     top = _topk(a, s.vocab)
     y = a.labels.long()
-    y2 = sample_from_logits(s.z, a.noise)
+    y2 = _sampled(s, a)
     ls_y, ls_y2 = s.at(y), s.at(y2)
     lt_y = a.label_logprob.float()
     lt_y2, in_topk = _teacher_logprob_at(y2, a, top, s.vocab, tail_estimate)
@@ -424,6 +433,8 @@ def hpd(logits: Tensor, t: Targets, *, tail_estimate: str = "kth") -> LossOutput
 
 
 LOSSES: dict[str, Callable[..., LossOutput]] = {"sft": sft, "fkl": fkl, "rkl": rkl, "jsd": jsd, "akl": akl, "hpd": hpd}
+# The losses that read y' (``Targets.sampled`` or a draw from ``Targets.noise``).
+SAMPLING_LOSSES = frozenset({"rkl", "hpd"})
 
 
 def compute_loss(name: str, logits: Tensor, targets: Targets, **options: object) -> LossOutput:

@@ -94,26 +94,35 @@ def init_world() -> World:
     return World(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def wrap(module: torch.nn.Module, hf_model: Any, world: World, *, fsdp: bool) -> torch.nn.Module:
+def wrap(module: torch.nn.Module, hf_model: Any, world: World, *, fsdp: bool, dtype: str = "float32") -> torch.nn.Module:
     """``module`` (whose forward is one micro-batch's loss) under DDP or FSDP2.
 
     FSDP2 shards each transformer block (the classes the model names in
     ``_no_split_modules``), then the rest as one root group; its parameters
-    become DTensors, so build the optimizer after this.
+    become DTensors, so build the optimizer after this. With ``dtype``
+    "bfloat16" (the run's resolved --dtype) FSDP2 gathers bf16 parameters and
+    reduces gradients in float32; the sharded float32 parameters stay the
+    optimizer's masters.
     """
     if not world.distributed:
         return module
     if fsdp:
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mesh = init_device_mesh(world.device.type, (world.world_size,))
         block_names = set(getattr(hf_model, "_no_split_modules", None) or [])
         blocks = [m for m in hf_model.modules() if type(m).__name__ in block_names]
+        block_policy = root_policy = MixedPrecisionPolicy()
+        if dtype == "bfloat16":
+            block_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            # The root's inputs include the teacher's float32 log-probs and the
+            # sampler's noise: they must not be cast to bf16 on the way in.
+            root_policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False)
         for block in blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(module, mesh=mesh)
-        log.info("FSDP2: %d blocks sharded over %d ranks", len(blocks), world.world_size)
+            fully_shard(block, mesh=mesh, mp_policy=block_policy)
+        fully_shard(module, mesh=mesh, mp_policy=root_policy)
+        log.info("FSDP2: %d blocks sharded over %d ranks%s", len(blocks), world.world_size, ", bf16 parameters, fp32 gradient reduction" if dtype == "bfloat16" else "")
         return module
     from torch.nn.parallel import DistributedDataParallel
 

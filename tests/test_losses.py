@@ -424,7 +424,7 @@ def test_chunked_equals_unchunked(name, opts):
     whole.loss_sum.backward()
     grad = z.grad.clone()
     z.grad = None
-    halves = [LOSSES[name](z[s], Targets(*(getattr(t, f)[s] for f in t.__dict__)), **opts) for s in (slice(0, 9), slice(9, 20))]
+    halves = [LOSSES[name](z[s], t.rows(s), **opts) for s in (slice(0, 9), slice(9, 20))]
     sum(h.loss_sum for h in halves).backward()
     assert whole.n_tokens == sum(h.n_tokens for h in halves)
     close(whole.loss_sum, sum(h.loss_sum for h in halves))
@@ -677,7 +677,7 @@ def test_wide_teacher_chunked_masked_and_bfloat16(name, opts):
     assert torch.equal(zz.grad[~mask], torch.zeros_like(zz.grad[~mask]))
     zc = z.detach().clone().requires_grad_()
     tm = with_(t, mask=mask)
-    halves = [LOSSES[name](zc[s], Targets(*(getattr(tm, f)[s] for f in tm.__dict__)), **opts) for s in (slice(0, 5), slice(5, 14))]
+    halves = [LOSSES[name](zc[s], tm.rows(s), **opts) for s in (slice(0, 5), slice(5, 14))]
     sum(h.loss_sum for h in halves).backward()
     close(whole.loss_sum, sum(h.loss_sum for h in halves))
     close(zz.grad[mask], zc.grad[mask])
