@@ -233,17 +233,21 @@ class OnPolicy:
         return list(np.split(lp.cpu().numpy(), np.cumsum([len(c) for c in completions])[:-1]))
 
     def round(self, model: Any, device: torch.device, lockstep: Any = None) -> dict[str, Any]:
-        """Sample, score, add to the buffer. Returns the round's metrics.
+        """Sample, score, add to the buffer. Returns the round's metrics. The student's
+        forwards run under the run's ``--dtype`` autocast (``config.dtype``, float32 without one).
 
         ``lockstep``: the World, when every student forward is a collective
         (FSDP2); all ranks then make the same forwards, whatever their teacher
         answers."""
+        from .distill import autocast
+
         c = self.config
         prompts = self._next_prompts(c.sample_prompts)
         t0 = time.time()
-        completions = self._sample(model, prompts, device, lockstep)
-        sample_s = time.time() - t0
-        ls = self._student_logprobs(model, prompts, [comp for comp, _ in completions], device)
+        with autocast(getattr(c, "dtype", "float32"), device):  # the training forward's precision
+            completions = self._sample(model, prompts, device, lockstep)
+            sample_s = time.time() - t0
+            ls = self._student_logprobs(model, prompts, [comp for comp, _ in completions], device)
         t0 = time.time()
         try:
             if self.teacher is None:

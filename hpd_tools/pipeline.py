@@ -94,14 +94,15 @@ def run_device() -> torch.device:
 
 
 def onpolicy_eval(model: Any, tokenizer: Any, teacher_dir: str, prompt_cache: str, n_prompts: int, max_new_tokens: int, seed: int,
-                  device: torch.device | None = None) -> tuple[dict[str, Any], list[tuple[str, str]]]:
+                  device: torch.device | None = None, dtype: str = "auto") -> tuple[dict[str, Any], list[tuple[str, str]]]:
     """The student's own samples for held-out prompts, scored by the teacher
     (transformers engine): reverse KL and teacher NLL per sampled token.
-    ``model`` is on ``device`` (default: :func:`run_device`)."""
+    ``model`` is on ``device`` (default: :func:`run_device`); it samples under
+    distill's ``--dtype`` autocast (``dtype``)."""
     from .onpolicy import OnPolicy
 
     cfg = SimpleNamespace(seed=seed, onpolicy_buffer=n_prompts, sample_prompts=n_prompts, sample_max_new_tokens=max_new_tokens,
-                          sample_temperature=1.0, online_teacher=teacher_dir, online_engine="hf", online_engine_args={})
+                          sample_temperature=1.0, online_teacher=teacher_dir, online_engine="hf", online_engine_args={}, dtype=dtype)
     torch.manual_seed(seed)
     from .cache.layout import CacheStore
 
@@ -203,7 +204,7 @@ def evaluate_model(config: PipelineConfig, prep: Prepared, model_dir: Path, dcfg
     device = run_device()
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device)
     metrics = evaluate(model, prep.caches["heldout"], dcfg, device)
-    on, texts = onpolicy_eval(model, tokenizer, prep.teacher, prep.caches["heldout"], config.eval_prompts, config.eval_max_new_tokens, config.seed, device)
+    on, texts = onpolicy_eval(model, tokenizer, prep.teacher, prep.caches["heldout"], config.eval_prompts, config.eval_max_new_tokens, config.seed, device, dcfg.dtype)
     return {**metrics, **{k: v for k, v in on.items() if k in ("onpolicy/rkl", "onpolicy/teacher_nll", "onpolicy/mean_length")}}, texts
 
 
