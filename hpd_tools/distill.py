@@ -14,8 +14,9 @@ The loop, top to bottom (``train``):
    exist one chunk of ``loss_chunk_tokens`` at a time (recomputed in backward),
    so peak memory does not grow with batch-tokens x vocab;
 5. clip, step, log metrics (JSON lines, TensorBoard when installed), eval and
-   checkpoint at intervals; a non-finite loss stops the run naming the step
-   and the batch, with the last good checkpoint kept;
+   checkpoint at intervals (keeping the newest ``--keep-checkpoints``); a
+   non-finite loss or gradient norm stops the run naming the step and the
+   batch, before the optimizer steps, with the last good checkpoint kept;
 6. save ``final/``, which ``AutoModelForCausalLM.from_pretrained`` loads.
 """
 
