@@ -46,6 +46,7 @@ from .cache.layout import CacheStore, is_cache
 from .cache.reader import Batch, CacheReader
 from .errors import HPDError
 from .hashing import tokenizer_hash
+from .outputs import model_files, probe_writable
 from .losses import LOSSES, SAMPLING_LOSSES, Targets, compute_loss, restrict_to_width, sample_from_logits
 from .progress import Progress
 from .parallel import World, full_state, init_world, load_optimizer, wrap
@@ -636,7 +637,6 @@ def _noise_generator(seed: int, stream: int) -> torch.Generator:
 RUN_MARKER = "hpd-run.json"
 RUN_FORMAT = "hpd-tools distill run"
 RUN_FORMAT_VERSION = 1
-_WEIGHT_FILES = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "*.pth", "*.safetensors.index.json")
 
 
 def _local(path: str | None) -> Path | None:
@@ -675,33 +675,6 @@ def _legacy_run(out: Path) -> bool:
     return (out / "metrics.jsonl").is_file() or bool(_checkpoints(out))
 
 
-def _model_files(folder: Path) -> list[str]:
-    """What makes ``folder`` a model folder: a model's config.json, weight files."""
-    found = sorted({p.name for pattern in _WEIGHT_FILES for p in folder.glob(pattern)})
-    try:
-        values = json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError):
-        return found
-    return (["config.json"] if isinstance(values, dict) and ("model_type" in values or "architectures" in values) else []) + found
-
-
-def _probe_writable(folder: Path, out: str) -> None:
-    """Create and remove a file in ``folder``: a read-only or full filesystem, or a
-    folder without write permission, stops the run before its expensive work."""
-    probe = folder / f".hpd-write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
-        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        try:
-            os.write(fd, b"0")
-        finally:
-            os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        with contextlib.suppress(OSError):
-            probe.unlink()
-        raise HPDError(f"--out {out}: cannot write in {folder} ({exc.strerror or exc}); choose a writable folder") from None
-
-
 def check_out(config: DistillConfig) -> dict[str, Any] | None:
     """Refuse an ``--out`` that is not absent, empty or an earlier run; check it is
     writable. Reads only. Returns the earlier run's marker (None for a new folder
@@ -730,7 +703,7 @@ def check_out(config: DistillConfig) -> dict[str, Any] | None:
             raise HPDError(f"--out {raw}: {'is' if folder == target else 'is inside'} the hpd-tools cache {folder}; choose a folder outside caches")
     marker = None
     if existing == target:
-        model = _model_files(target)
+        model = model_files(target)
         if model:
             raise HPDError(f"--out {raw}: holds a model ({', '.join(model[:3])}); distill never writes into a model folder: choose a new or empty folder")
         marker = read_run_marker(target)
@@ -742,7 +715,7 @@ def check_out(config: DistillConfig) -> dict[str, Any] | None:
             if entries:
                 shown = ", ".join(entries[:3]) + (", ..." if len(entries) > 3 else "")
                 raise HPDError(f"--out {raw}: not empty ({shown}) and not a distill run (no {RUN_MARKER}); choose a new or empty folder")
-    _probe_writable(existing, raw)
+    probe_writable(existing, "--out", raw)
     return marker
 
 

@@ -12,6 +12,8 @@ so a read-only or full filesystem, or a file in the way, fails in one line.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import uuid
 from pathlib import Path
@@ -23,11 +25,14 @@ WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.gguf", "*.pt", "*.pth", "*.safet
 
 
 def model_files(folder: Path) -> list[str]:
-    """The files that make ``folder`` a model folder (config.json, weights)."""
-    found = ["config.json"] if (folder / "config.json").is_file() else []
-    for pattern in WEIGHT_PATTERNS:
-        found += sorted(p.name for p in folder.glob(pattern))
-    return found
+    """What makes ``folder`` a model folder: a model's config.json (one naming a
+    model type or architecture, not any config.json), weight files."""
+    found = sorted({p.name for pattern in WEIGHT_PATTERNS for p in folder.glob(pattern)})
+    try:
+        values = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return found
+    return (["config.json"] if isinstance(values, dict) and ("model_type" in values or "architectures" in values) else []) + found
 
 
 def _cache_at_or_above(path: Path) -> Path | None:
@@ -40,14 +45,20 @@ def _cache_at_or_above(path: Path) -> Path | None:
 
 
 def probe_writable(folder: Path, option: str, raw: str) -> None:
+    """Create and remove a file in ``folder``: a read-only or full filesystem, or a
+    folder without write permission, stops the command before its expensive work."""
     probe = folder / f".hpd-write-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        probe.write_bytes(b"")
-        probe.unlink()
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        try:
+            os.write(fd, b"0")
+        finally:
+            os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
-        from .cache.storage import os_problem
-
-        raise HPDError(f"{option} {raw}: cannot write under {folder} ({os_problem(exc)}); choose a writable location") from None
+        with contextlib.suppress(OSError):
+            probe.unlink()
+        raise HPDError(f"{option} {raw}: cannot write in {folder} ({exc.strerror or exc}); choose a writable folder") from None
 
 
 def _nearest_existing(target: Path, option: str, raw: str) -> Path:

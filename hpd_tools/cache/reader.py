@@ -81,9 +81,11 @@ class CacheReader:
         self.buffer_sequences = buffer_sequences
         self.offsets = self._read("offsets", slice(None), "the offsets")
         check_offsets(self.store, self.offsets)
-        if require_complete and not self.store.checked and len(self.store.done_units()) < self.store.n_units:
+        if require_complete and not self.store.checked:
             # Format 1 has no checksums: its markers are the only record that every unit was written.
-            raise CacheCorruptError(f"{path}: marked complete but only {len(self.store.done_units())}/{self.store.n_units} units have markers; the cache is damaged: delete it and rerun `hpd-tools cache`")
+            done = len(self.store.done_units())
+            if done < self.store.n_units:
+                raise CacheCorruptError(f"{path}: marked complete but only {done}/{self.store.n_units} units have markers; the cache is damaged: delete it and rerun `hpd-tools cache`")
         self.k = self.store.k
         self._example_ids = self.store.array("example_id")
 
