@@ -11,6 +11,13 @@ than that is a batch of its own).
 ``state()`` captures the exact position (per cache: epoch and sequences
 taken; the mixing generator; the sequence that overflowed the last batch), so
 a resumed run sees the same batches an uninterrupted one would.
+
+What a training step receives (``compact=True``, the default): batches whose
+teacher rows stay in their stored dtypes and are limited to the positions that
+train (hpd_tools.cache.reader.assemble), in pinned memory on CUDA machines.
+:func:`batch_targets` copies one to the device in one transfer and decodes it
+there (codes to log-probs, dtype widening), giving the same values the dense
+path (:func:`dense_targets`, every position in int64 and float32) gives.
 """
 
 from __future__ import annotations
@@ -20,7 +27,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .cache.reader import Batch, CachedSequence, CacheReader, collate, pack, pack_rows
+from .cache import codec
+from .cache.reader import Batch, CachedSequence, CacheReader, SequenceRows, assemble, collate, pack, pack_rows
 from .errors import HPDError
 
 
@@ -28,17 +36,22 @@ from .errors import HPDError
 class _Source:
     reader: CacheReader
     weight: float
+    form: str = "compact"
     epoch: int = 0
     taken: int = 0
-    it: Iterator[CachedSequence] | None = None
+    it: Iterator[Any] | None = None
 
-    def next(self) -> CachedSequence:
+    def next(self) -> CachedSequence | SequenceRows:
         while True:
             if self.it is None:
-                self.it = self.reader.sequences(self.epoch, start=self.taken)
+                self.it = self.reader.sequences(self.epoch, start=self.taken, form=self.form)
             try:
                 seq = next(self.it)
             except StopIteration:
+                if self.taken == 0:  # a whole epoch without a sequence would loop here forever
+                    r = self.reader
+                    raise HPDError(f"--cache {r.store.path}: data slot {r.rank} of {r.world_size} gets no sequence "
+                                   f"(its units hold none that start in them); use fewer processes or a smaller --grad-accum") from None
                 self.epoch, self.taken, self.it = self.epoch + 1, 0, None
                 continue
             self.taken += 1
@@ -58,14 +71,31 @@ class CacheStream:
         buffer_sequences: int = 256,
         packed: bool = False,
         pack_width: int | None = None,
+        compact: bool = True,
+        pin_memory: bool | None = None,
+        readahead: int | None = None,
     ):
+        """``compact``: batches for :func:`batch_targets` (trained rows, stored
+        dtypes); False: the dense batches of :func:`collate`/:func:`pack`.
+        ``pin_memory`` (compact only; default: when CUDA is available) puts each
+        batch's payload in page-locked memory. ``readahead``: units read ahead
+        in background threads (CacheReader's default: 4 on object storage;
+        compact streams read 1 ahead on local disk too, so decoding the next
+        unit overlaps assembling batches from this one)."""
         weights = list(weights) if weights else [1.0] * len(paths)
         if len(weights) != len(paths):
             raise ValueError("one weight per cache")
-        self.sources = [
-            _Source(CacheReader(p, seed=seed + i, rank=rank, world_size=world_size, buffer_sequences=buffer_sequences), float(w))
-            for i, (p, w) in enumerate(zip(paths, weights))
-        ]
+        self.compact = compact
+        if pin_memory is None:
+            pin_memory = compact and _cuda_available()
+        self.pin_memory = bool(pin_memory)
+        form = "compact" if compact else "dense"
+        self.sources = []
+        for i, (p, w) in enumerate(zip(paths, weights)):
+            reader = CacheReader(p, seed=seed + i, rank=rank, world_size=world_size, buffer_sequences=buffer_sequences, readahead=readahead)
+            if readahead is None and compact and reader.readahead == 0:
+                reader.readahead = 1
+            self.sources.append(_Source(reader, float(w), form))
         self.probs = np.asarray(weights, dtype=np.float64) / float(sum(weights))
         self.rng = np.random.default_rng([seed, 7, rank])
         self.batch_tokens = batch_tokens
@@ -99,7 +129,10 @@ class CacheStream:
             if not self.packed and width * rows >= self.batch_tokens:
                 break
         seqs = [s for _, s in items]
-        batch = pack(seqs, self.k, width) if self.packed else collate(seqs, self.k)
+        if self.compact:
+            batch = assemble(seqs, self.k, packed=self.packed, width=width if self.packed else None, pin=self.pin_memory)  # type: ignore[arg-type]
+        else:
+            batch = pack(seqs, self.k, width) if self.packed else collate(seqs, self.k)  # type: ignore[arg-type]
         order = batch.order if self.packed else range(len(items))  # pack() groups the sequences by row
         batch.sources = np.array([items[i][0] for i in order])  # type: ignore[attr-defined]
         return batch
@@ -116,28 +149,30 @@ class CacheStream:
             source.epoch, source.taken, source.it = int(st["epoch"]), int(st["taken"]), None
         self.rng.bit_generator.state = state["rng"]
         carry = state.get("carry")
-        self.carry = None if carry is None else (int(carry[0]), self.sources[int(carry[0])].reader.read_sequence(int(carry[1])))
+        self.carry = None if carry is None else (int(carry[0]), self.sources[int(carry[0])].reader.read_sequence(int(carry[1]), form=self.sources[int(carry[0])].form))
 
 
 class StepStream:
     """One step's micro-batches: this rank's data slots, one CacheStream each.
 
     A run has ``n_slots`` (processes x grad_accum) slots; slot j reads partition
-    j of every cache's units, so slots never share data and the batches a step
-    sees depend on ``n_slots`` only, not on which process owns which slot.
-    ``state()`` is keyed by slot: the union of all ranks' states restores the
-    run on any world size with the same slot count.
+    j of every cache's units (of its sequences, when the cache has fewer units
+    than slots), so slots never share data and the batches a step sees depend
+    on ``n_slots`` only, not on which process owns which slot. ``state()`` is
+    keyed by slot: the union of all ranks' states restores the run on any
+    world size with the same slot count.
     """
 
-    def __init__(self, paths: Sequence[str], *, slots: Sequence[int], n_slots: int, weights: Sequence[float] | None = None, batch_tokens: int, seed: int = 0, packed: bool = False, pack_width: int | None = None):
+    def __init__(self, paths: Sequence[str], *, slots: Sequence[int], n_slots: int, weights: Sequence[float] | None = None, batch_tokens: int, seed: int = 0,
+                 packed: bool = False, pack_width: int | None = None, compact: bool = True, pin_memory: bool | None = None):
         self.slots, self.n_slots = list(slots), n_slots
-        self.streams = [CacheStream(paths, weights=weights, batch_tokens=batch_tokens, seed=seed, rank=j, world_size=n_slots, packed=packed, pack_width=pack_width) for j in self.slots]
-        for path, source in zip(paths, self.streams[0].sources):
-            if source.reader.store.n_units < n_slots:
-                raise HPDError(
-                    f"--cache {path}: {source.reader.store.n_units} units (chunks) for {n_slots} data slots (processes x --grad-accum); "
-                    "each slot reads its own units: use fewer processes or a smaller --grad-accum, or rebuild the cache with a smaller --chunk-tokens"
-                )
+        for path in paths:
+            n = len(CacheReader(path, shuffle=False))
+            if n < n_slots:
+                raise HPDError(f"--cache {path}: {n} sequences for {n_slots} data slots (processes x --grad-accum); each slot needs sequences of its own: "
+                               "use fewer processes or a smaller --grad-accum")
+        self.streams = [CacheStream(paths, weights=weights, batch_tokens=batch_tokens, seed=seed, rank=j, world_size=n_slots, packed=packed, pack_width=pack_width,
+                                    compact=compact, pin_memory=pin_memory) for j in self.slots]
         self.k = self.streams[0].k
 
     def next_batch(self) -> list[Batch]:
@@ -180,3 +215,105 @@ class Prefetcher:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def dense_targets(batch: Batch, device: Any) -> tuple[dict[str, Any], Any]:
+    """The student's inputs and the flat targets of the trained positions, from a
+    batch's dense arrays (rollouts, evaluation batches, any batch without a payload).
+
+    Position i is trained on token i+1 (the cache's convention), so hidden
+    state [b, i] meets labels[b, i] = input_ids[b, i+1]. A padded batch gets an
+    attention mask; a packed one position ids restarting at each sequence and no
+    mask, from which transformers builds the block-diagonal causal mask (each
+    sequence attends to itself only).
+    """
+    import torch
+
+    from .losses import Targets
+
+    ids = torch.from_numpy(batch.input_ids).to(device)
+    inputs: dict[str, Any] = {"input_ids": ids, "use_cache": False}
+    if batch.position_ids is not None:
+        inputs["position_ids"] = torch.from_numpy(batch.position_ids).to(device)
+    else:
+        attn = torch.zeros_like(ids)
+        for i, n in enumerate(batch.lengths):
+            attn[i, :n] = 1
+        inputs["attention_mask"] = attn
+    mask = torch.from_numpy(batch.loss_mask).to(device)
+    labels = torch.zeros_like(ids)
+    labels[:, :-1] = ids[:, 1:]
+    targets = Targets(
+        labels=labels[mask],
+        mask=torch.ones(int(mask.sum()), dtype=torch.bool, device=device),
+        label_logprob=torch.from_numpy(batch.label_logprob).to(device)[mask],
+        topk_ids=torch.from_numpy(batch.topk_ids).to(device)[mask],
+        topk_logprobs=torch.from_numpy(batch.topk_logprobs).to(device)[mask],
+        noise=torch.zeros(int(mask.sum()), device=device),
+    )
+    return inputs, targets
+
+
+_DELTAS: dict[Any, Any] = {}  # device -> float64 [256]: the codec's distance below the top-1 of each code
+
+
+def _deltas(device: Any) -> Any:
+    import torch
+
+    key = str(device)
+    if key not in _DELTAS:
+        _DELTAS[key] = torch.from_numpy(codec._delta(np.arange(codec.MAX_CODE + 1))).to(device)
+    return _DELTAS[key]
+
+
+def batch_targets(batch: Batch, device: Any) -> tuple[dict[str, Any], Any]:
+    """What :func:`dense_targets` returns, for any batch: a batch with a payload
+    (the training stream's) goes to ``device`` as one buffer (asynchronously
+    from pinned memory) and is decoded there, in float64 like
+    ``codec.decode_logprobs``, so the values are the same to the bit. No
+    host synchronisation: the row counts are known on the host."""
+    payload = batch.payload
+    if payload is None:
+        return dense_targets(batch, device)
+    import torch
+
+    from .losses import Targets
+
+    host = payload.buffer if isinstance(payload.buffer, torch.Tensor) else torch.from_numpy(payload.buffer)
+    buf = host.to(device, non_blocking=host.is_pinned())
+
+    def seg(name: str) -> torch.Tensor:
+        at, dtype, shape = payload.segments[name]
+        n = int(np.prod(shape)) * dtype.itemsize
+        raw = buf[at : at + n]
+        if dtype == np.uint16:  # torch's uint16 support is thin: read it as int16 and widen
+            return (raw.view(torch.int16).to(torch.int64) & 0xFFFF).view(shape)
+        return raw.view(torch.from_numpy(np.empty(0, dtype)).dtype).view(shape)
+
+    b, t = payload.shape
+    ids = seg("input_ids").to(torch.int64)
+    inputs: dict[str, Any] = {"input_ids": ids, "use_cache": False}
+    if "position_ids" in payload.segments:
+        inputs["position_ids"] = seg("position_ids").to(torch.int64)
+    else:
+        inputs["attention_mask"] = (torch.arange(t, device=ids.device)[None, :] < seg("lengths")[:, None]).to(torch.int64)
+    n = payload.n_rows
+    codes = seg("topk_codes").to(torch.int64)
+    targets = Targets(
+        labels=seg("labels").to(torch.int64),
+        mask=torch.ones(n, dtype=torch.bool, device=ids.device),
+        label_logprob=seg("label_logprob").to(torch.float32, copy=True),
+        topk_ids=seg("topk_ids").to(torch.int64, copy=True),
+        topk_logprobs=(seg("topk_head").to(torch.float64)[:, None] - _deltas(ids.device)[codes]).to(torch.float32),
+        noise=torch.zeros(n, device=ids.device),
+    )
+    return inputs, targets
+

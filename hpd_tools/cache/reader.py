@@ -4,13 +4,26 @@ A sequence belongs to the unit (chunk) where it starts. Each epoch the units
 are permuted with ``seed + epoch`` and dealt to ranks round-robin, so ranks
 read disjoint data; within a rank a shuffle buffer of ``buffer_sequences``
 mixes sequences across chunks. Only one unit's arrays (plus the buffer) are in
-memory at a time.
+memory at a time. A cache with fewer units than ranks is shared by sequence
+instead: every rank walks all units in the epoch's order and takes every
+``world_size``-th sequence of the shuffled order (still disjoint, still from
+the offsets alone).
+
+Two ways to read a sequence: :class:`CachedSequence` (every row decoded into
+int64 ids and float32 log-probs: inspection, evaluation, prompts), and
+:class:`SequenceRows`, what training reads: the unit's arrays in their stored
+dtypes (uint16 or int32 ids, uint8 codes, float16 head) and of the teacher
+arrays only the rows that train (``loss_mask``). :func:`assemble` puts a
+batch of them into one contiguous buffer (pinned on CUDA machines) that
+``hpd_tools.stream.batch_targets`` ships to the device in one copy and
+decodes there.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -35,24 +48,148 @@ class CachedSequence:
     topk_logprobs: np.ndarray  # float32 [L, k]; rows where loss_mask is False are 0
 
 
+class _Dense:
+    """A dense teacher field of a :class:`Batch`. A batch from :func:`assemble`
+    carries its trained rows only (``payload``); the dense array is built from
+    them on first read (positions that do not train hold 0), so code that reads
+    ``batch.topk_ids`` keeps working while training never pays for it."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return None  # the dataclass default
+        value = obj.__dict__.get(self.name)
+        if value is None and obj.__dict__.get("payload") is not None:
+            value = obj.__dict__[self.name] = obj.payload.dense(self.name, obj.loss_mask)
+        return value
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        obj.__dict__[self.name] = value
+
+
 @dataclass
 class Batch:
     """Sequences right-padded to the longest (padded positions have loss_mask
     False), or packed (:func:`pack`): rows of sequences end to end, with
-    ``position_ids`` restarting at 0 at each sequence."""
+    ``position_ids`` restarting at 0 at each sequence.
+
+    ``payload``, when set (:func:`assemble`), holds what training ships: the
+    trained rows in their stored dtypes. A batch built with explicit dense
+    teacher arrays (``dataclasses.replace(batch, topk_ids=...)``) drops it, so
+    the arrays given are the ones that train."""
 
     indices: np.ndarray  # [B] sequence indices in the cache
     lengths: np.ndarray  # [B]
     input_ids: np.ndarray  # int64 [B, T]
     loss_mask: np.ndarray  # bool [B, T]
-    label_logprob: np.ndarray  # float32 [B, T]
-    topk_ids: np.ndarray  # int64 [B, T, k]
-    topk_logprobs: np.ndarray  # float32 [B, T, k]
+    label_logprob: np.ndarray = _Dense()  # type: ignore[assignment]  # float32 [B, T]
+    topk_ids: np.ndarray = _Dense()  # type: ignore[assignment]  # int64 [B, T, k]
+    topk_logprobs: np.ndarray = _Dense()  # type: ignore[assignment]  # float32 [B, T, k]
     position_ids: np.ndarray | None = None  # int64 [B, T] when packed
+    payload: Payload | None = None
+
+    def __post_init__(self) -> None:
+        if self.payload is not None and any(self.__dict__.get(n) is not None for n in ("label_logprob", "topk_ids", "topk_logprobs")):
+            self.payload = None
 
     @property
     def n_tokens(self) -> int:
         return int(self.lengths.sum())
+
+
+_ALIGN = 16  # every segment of a payload starts on a 16-byte boundary, so the device can view it as any dtype
+
+
+@dataclass
+class Payload:
+    """One batch's training data in one contiguous byte buffer, segments in
+    their stored dtypes: ``input_ids`` int32 [B, T]; ``position_ids`` int32
+    [B, T] (packed) or ``lengths`` int32 [B] (padded); and for the R trained
+    positions in row-major order of ``loss_mask``: ``labels`` int32 [R],
+    ``label_logprob`` [R] (float16 or float32, as stored), ``topk_head``
+    float16 [R], ``topk_ids`` [R, k] (uint16 or int32), ``topk_codes`` uint8
+    [R, k] (hpd_tools.cache.codec).
+
+    ``buffer`` is a numpy uint8 array, or a pinned torch tensor on CUDA machines
+    (``host`` is then its numpy view)."""
+
+    buffer: Any
+    segments: dict[str, tuple[int, np.dtype, tuple[int, ...]]]  # name -> (byte offset, dtype, shape)
+    shape: tuple[int, int]  # (B, T)
+    n_rows: int  # R
+    k: int
+
+    @property
+    def host(self) -> np.ndarray:
+        return self.buffer if isinstance(self.buffer, np.ndarray) else self.buffer.numpy()
+
+    def array(self, name: str) -> np.ndarray:
+        at, dtype, shape = self.segments[name]
+        n = int(np.prod(shape)) * dtype.itemsize
+        return self.host[at : at + n].view(dtype).reshape(shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.host.nbytes)
+
+    def dense(self, name: str, loss_mask: np.ndarray) -> np.ndarray:
+        """The dense [B, T(, k)] array of an old-style Batch field."""
+        b, t = self.shape
+        if name == "label_logprob":
+            out = np.zeros((b, t), dtype=np.float32)
+            out[loss_mask] = self.array("label_logprob")
+        elif name == "topk_ids":
+            out = np.zeros((b, t, self.k), dtype=np.int64)
+            out[loss_mask] = self.array("topk_ids")
+        else:
+            out = np.zeros((b, t, self.k), dtype=np.float32)
+            out[loss_mask] = codec.decode_logprobs(self.array("topk_head"), self.array("topk_codes"))
+        return out
+
+
+@dataclass
+class _UnitRows:
+    """A unit's sequences in their stored dtypes: tokens and loss_mask of every
+    row; of the teacher arrays only the rows where loss_mask is True (empty
+    when read for tokens only)."""
+
+    first: int  # index of the unit's first sequence
+    starts: np.ndarray  # int64 [S+1]: sequence first+j is tokens[starts[j]:starts[j+1]]
+    trained: np.ndarray  # int64 [S+1]: its trained rows are rows[trained[j]:trained[j+1]] of the teacher arrays
+    tokens: np.ndarray  # int32 [n]
+    loss_mask: np.ndarray  # bool [n]
+    label_logprob: np.ndarray  # float16/float32 [R]
+    topk_head: np.ndarray  # float16 [R]
+    topk_ids: np.ndarray  # uint16/int32 [R, k]
+    topk_codes: np.ndarray  # uint8 [R, k]
+
+    def sequence(self, index: int) -> SequenceRows:
+        j = index - self.first
+        return SequenceRows(index, self, int(self.starts[j]), int(self.starts[j + 1]), int(self.trained[j]), int(self.trained[j + 1]))
+
+
+@dataclass(slots=True)
+class SequenceRows:
+    """One sequence as views into its unit's stored arrays (:meth:`CacheReader.sequences`
+    with ``form="compact"`` or ``"tokens"``)."""
+
+    index: int
+    unit: _UnitRows
+    p: int  # tokens[p:q] of the unit
+    q: int
+    a: int  # teacher rows[a:b] of the unit
+    b: int
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.unit.tokens[self.p : self.q]
+
+    @property
+    def loss_mask(self) -> np.ndarray:
+        return self.unit.loss_mask[self.p : self.q]
+
 
 
 class CacheReader:
@@ -88,6 +225,9 @@ class CacheReader:
                 raise CacheCorruptError(f"{path}: marked complete but only {done}/{self.store.n_units} units have markers; the cache is damaged: delete it and rerun `hpd-tools cache`")
         self.k = self.store.k
         self._example_ids = self.store.array("example_id")
+        self._io: concurrent.futures.ThreadPoolExecutor | None = None
+        # Fewer units than ranks: ranks share units, each taking its share of the sequences.
+        self.by_sequence = world_size > self.store.n_units
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -104,11 +244,12 @@ class CacheReader:
         return read_rows(self.store, name, rows, what)
 
     def units(self, epoch: int = 0) -> list[int]:
-        """This rank's units, in this epoch's order."""
+        """This rank's units, in this epoch's order (all of them when ranks share
+        units by sequence)."""
         order = np.arange(self.store.n_units)
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch]).permutation(order)
-        return order[self.rank :: self.world_size].tolist()
+        return order.tolist() if self.by_sequence else order[self.rank :: self.world_size].tolist()
 
     def read_unit(self, unit: int) -> list[CachedSequence]:
         """The sequences that start in ``unit``, decoded."""
@@ -138,6 +279,35 @@ class CacheReader:
             )
         return out
 
+    def read_unit_rows(self, unit: int, teacher: bool = True) -> _UnitRows:
+        """The sequences that start in ``unit`` in their stored dtypes, teacher
+        arrays (``teacher``; else left empty) at the trained rows only."""
+        start, end = self.store.unit_range(unit)
+        first = int(np.searchsorted(self.offsets, start, side="left"))
+        last = int(np.searchsorted(self.offsets, end, side="left"))
+        lo, hi = (int(self.offsets[first]), int(self.offsets[last])) if first < last else (0, 0)
+        names = ("tokens", "loss_mask") + (("label_logprob", "topk_head", "topk_ids", "topk_logprobs") if teacher else ())
+        a = self._read_many(names, slice(lo, hi), f"unit {unit}")
+        starts = (self.offsets[first : last + 1] - lo).astype(np.int64)
+        if teacher:
+            rows = np.flatnonzero(a["loss_mask"])
+            trained = np.searchsorted(rows, starts).astype(np.int64)
+            teach = {name: a[name][rows] for name in names[2:]}
+        else:
+            trained = np.zeros(len(starts), dtype=np.int64)
+            teach = {"label_logprob": np.zeros(0, np.float32), "topk_head": np.zeros(0, np.float16),
+                     "topk_ids": np.zeros((0, self.k), np.int32), "topk_logprobs": np.zeros((0, self.k), np.uint8)}
+        return _UnitRows(first, starts, trained, a["tokens"], a["loss_mask"], teach["label_logprob"], teach["topk_head"], teach["topk_ids"], teach["topk_logprobs"])
+
+    def _read_many(self, names: tuple[str, ...], rows: slice, what: str) -> dict[str, np.ndarray]:
+        """Several arrays' rows, read concurrently: each read waits on zarr's event
+        loop, whose decoders run in threads and release the GIL, so the arrays'
+        chunks decode side by side instead of one array after another."""
+        if self._io is None:
+            self._io = concurrent.futures.ThreadPoolExecutor(6, thread_name_prefix="hpd-read")
+        futures = {name: self._io.submit(self._read, name, rows, what) for name in names}
+        return {name: f.result() for name, f in futures.items()}
+
     def order(self, epoch: int = 0) -> np.ndarray:
         """The sequence indices this rank yields in ``epoch``, in order.
 
@@ -150,29 +320,43 @@ class CacheReader:
         ends = np.searchsorted(seq_starts, [self.store.unit_range(u)[1] for u in units], side="left")
         per_unit = [np.arange(starts[i], ends[i]) for i in range(len(units))]
         flat = np.concatenate(per_unit) if per_unit else np.zeros(0, dtype=np.int64)
-        if not self.shuffle:
-            return flat
-        rng = np.random.default_rng([self.seed, epoch, 1])
-        out, buffer = [], []
-        for s in flat.tolist():
-            buffer.append(s)
-            if len(buffer) >= self.buffer_sequences:
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, epoch, 1])
+            out, buffer = [], []
+            for s in flat.tolist():
+                buffer.append(s)
+                if len(buffer) >= self.buffer_sequences:
+                    out.append(buffer.pop(int(rng.integers(len(buffer)))))
+            while buffer:
                 out.append(buffer.pop(int(rng.integers(len(buffer)))))
-        while buffer:
-            out.append(buffer.pop(int(rng.integers(len(buffer)))))
-        return np.asarray(out, dtype=np.int64)
+            flat = np.asarray(out, dtype=np.int64)
+        # Shared units: one order for all ranks (nothing above depends on the rank), dealt by sequence.
+        return flat[self.rank :: self.world_size] if self.by_sequence else flat
 
     def unit_of(self, index: int) -> int:
         """The unit (chunk) where sequence ``index`` starts."""
         return int(self.offsets[index]) // self.store.chunk_tokens
 
-    def sequences(self, epoch: int = 0, start: int = 0) -> Iterator[CachedSequence]:
+    def sequences(self, epoch: int = 0, start: int = 0, form: str = "dense") -> Iterator[Any]:
         """This rank's sequences for ``epoch`` from position ``start`` of :meth:`order`.
+
+        ``form``: "dense" yields :class:`CachedSequence` (every row decoded);
+        "compact" :class:`SequenceRows` with the trained rows of the teacher
+        arrays in their stored dtypes (what training reads); "tokens" the same
+        without teacher arrays (prompts).
 
         Units are read when first needed (``readahead`` of the next ones in
         background threads) and dropped once all their sequences have been
         yielded, so memory holds a few units, not the cache.
         """
+        if form == "dense":
+            def read(u: int) -> Any:
+                return {seq.index: seq for seq in self.read_unit(u)}.__getitem__
+        elif form in ("compact", "tokens"):
+            def read(u: int) -> Any:
+                return self.read_unit_rows(u, teacher=form == "compact").sequence
+        else:
+            raise ValueError(f"form {form!r}")
         order = self.order(epoch)[start:].tolist()
         remaining: dict[int, int] = {}
         for s in order:
@@ -182,7 +366,7 @@ class CacheReader:
         position = {u: i for i, u in enumerate(needed)}
         pool = concurrent.futures.ThreadPoolExecutor(self.readahead, thread_name_prefix="hpd-readahead") if self.readahead else None
         pending: dict[int, concurrent.futures.Future] = {}
-        loaded: dict[int, dict[int, CachedSequence]] = {}
+        loaded: dict[int, Any] = {}
         next_unit = 0
         try:
             for s in order:
@@ -190,23 +374,27 @@ class CacheReader:
                 if u not in loaded:
                     if pool is not None:
                         while next_unit < len(needed) and next_unit <= position[u] + self.readahead:
-                            pending[needed[next_unit]] = pool.submit(self.read_unit, needed[next_unit])
+                            pending[needed[next_unit]] = pool.submit(read, needed[next_unit])
                             next_unit += 1
-                        seqs = pending.pop(u).result()
+                        loaded[u] = pending.pop(u).result()
                     else:
-                        seqs = self.read_unit(u)
-                    loaded[u] = {seq.index: seq for seq in seqs}
-                yield loaded[u][s]
+                        loaded[u] = read(u)
+                yield loaded[u](s)
                 remaining[u] -= 1
                 if remaining[u] == 0:
                     del loaded[u]
         finally:
-            if pool is not None:
-                pool.shutdown(wait=True, cancel_futures=True)  # in-flight reads finish; queued ones are dropped
+            # In-flight reads finish; queued ones are dropped. (Not at interpreter exit, where
+            # a stream never drained is collected after the modules shutdown needs are gone.)
+            if pool is not None and not sys.is_finalizing():
+                pool.shutdown(wait=True, cancel_futures=True)
 
-    def read_sequence(self, index: int) -> CachedSequence:
-        """One sequence by its index (random access; reads the chunks it spans)."""
-        return next(seq for seq in self.read_unit(self.unit_of(index)) if seq.index == index)
+    def read_sequence(self, index: int, form: str = "dense") -> Any:
+        """One sequence by its index (random access; reads the chunks it spans), in
+        the ``form`` of :meth:`sequences`."""
+        if form == "dense":
+            return next(seq for seq in self.read_unit(self.unit_of(index)) if seq.index == index)
+        return self.read_unit_rows(self.unit_of(index), teacher=form == "compact").sequence(index)
 
     def batch_plan(self, batch_tokens: int, epoch: int = 0) -> list[list[int]]:
         """The sequence indices of each batch :meth:`batches` yields, from the
@@ -356,4 +544,79 @@ def pack(seqs: list[CachedSequence], k: int, width: int | None = None) -> Batch:
             batch.position_ids[r, at : at + n] = np.arange(n)
             at += n
         batch.position_ids[r, at:] = np.arange(t - at)
+    return batch
+
+
+def assemble(seqs: list[SequenceRows], k: int, *, packed: bool = False, width: int | None = None, pin: bool = False) -> Batch:
+    """A training batch of compact sequences: padded like :func:`collate`, or
+    packed like :func:`pack` (``packed``, rows of ``width``), with the same
+    ``indices``, ``lengths``, ``input_ids``, ``loss_mask`` and ``position_ids``
+    as those give, and the teacher's trained rows in one :class:`Payload`
+    (allocated in pinned memory when ``pin``, so the copy to a GPU is direct
+    and asynchronous). Mixed caches take the wider of their dtypes."""
+    lengths = [s.q - s.p for s in seqs]
+    if packed:
+        groups = pack_rows(lengths, width or sum(lengths))
+        t = max(width or sum(lengths), max(lengths))
+    else:
+        groups = [[i] for i in range(len(seqs))]
+        t = max(lengths)
+    order = [i for g in groups for i in g]
+    b, n_rows = len(groups), sum(seqs[i].b - seqs[i].a for i in order)
+    units = {id(s.unit): s.unit for s in seqs}.values()
+    ids_dtype = np.result_type(*(u.topk_ids.dtype for u in units))
+    label_dtype = np.result_type(*(u.label_logprob.dtype for u in units))
+    plan = [("input_ids", np.dtype(np.int32), (b, t)), ("position_ids", np.dtype(np.int32), (b, t)) if packed else ("lengths", np.dtype(np.int32), (b,)),
+            ("labels", np.dtype(np.int32), (n_rows,)), ("label_logprob", label_dtype, (n_rows,)), ("topk_head", np.dtype(np.float16), (n_rows,)),
+            ("topk_ids", ids_dtype, (n_rows, k)), ("topk_codes", np.dtype(np.uint8), (n_rows, k))]
+    segments, at = {}, 0
+    for name, dtype, shape in plan:
+        segments[name] = (at, dtype, shape)
+        at += -(-int(np.prod(shape)) * dtype.itemsize // _ALIGN) * _ALIGN
+    if pin:
+        import torch
+
+        buffer: Any = torch.empty(max(at, 1), dtype=torch.uint8, pin_memory=True)
+    else:
+        buffer = np.empty(max(at, 1), dtype=np.uint8)
+    payload = Payload(buffer, segments, (b, t), n_rows, k)
+    ids = payload.array("input_ids")
+    ids[:] = 0
+    mask = np.zeros((b, t), dtype=bool)
+    head, label, top_ids, codes = (payload.array(n) for n in ("topk_head", "label_logprob", "topk_ids", "topk_codes"))
+    positions = payload.array("position_ids") if packed else None
+    steps = np.arange(t, dtype=np.int32)
+    r = 0
+    for row, group in enumerate(groups):
+        x = 0
+        for i in group:
+            s, n = seqs[i], lengths[i]
+            u, m = s.unit, s.b - s.a
+            ids[row, x : x + n] = u.tokens[s.p : s.q]
+            mask[row, x : x + n] = u.loss_mask[s.p : s.q]
+            if positions is not None:
+                positions[row, x : x + n] = steps[:n]
+            top_ids[r : r + m] = u.topk_ids[s.a : s.b]
+            codes[r : r + m] = u.topk_codes[s.a : s.b]
+            head[r : r + m] = u.topk_head[s.a : s.b]
+            label[r : r + m] = u.label_logprob[s.a : s.b]
+            r, x = r + m, x + n
+        if positions is not None:
+            positions[row, x:] = steps[: t - x]
+    if not packed:
+        payload.array("lengths")[:] = lengths
+    # Position i trains on token i+1 of its row, exactly as the dense path builds labels.
+    following = np.zeros_like(ids)
+    following[:, :-1] = ids[:, 1:]
+    payload.array("labels")[:] = following[mask]
+    batch = Batch(
+        indices=np.array([seqs[i].index for i in order], dtype=np.int64),
+        lengths=np.array([lengths[i] for i in order], dtype=np.int64),
+        input_ids=ids.astype(np.int64),
+        loss_mask=mask,
+        position_ids=positions.astype(np.int64) if positions is not None else None,
+        payload=payload,
+    )
+    if packed:
+        batch.order = np.array(order, dtype=np.int64)  # type: ignore[attr-defined]  # seqs[i] by batch position
     return batch
