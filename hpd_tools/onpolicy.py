@@ -125,7 +125,10 @@ class OnPolicy:
         self.max_length = max_length
         self.prompts = CacheReader(prompt_cache, seed=config.seed + 1000, rank=rank, world_size=world_size)  # each rank its own prompts
         self.expected_vocab = int(self.prompts.store.attrs["teacher"].get("vocab_size") or 0)
+        # The cursor: (epoch, sequences taken) of the prompt order, and the open
+        # stream positioned there (rebuilt from the cursor after a resume).
         self.prompt_epoch, self.prompt_taken = 0, 0
+        self._prompt_stream: Any = None
         self.buffer: deque[Rollout] = deque(maxlen=config.onpolicy_buffer)
         self.rng = np.random.default_rng([config.seed, 11, rank])
         self.teacher: Any = None
@@ -145,6 +148,7 @@ class OnPolicy:
 
     def load_state(self, state: dict[str, Any], arrays: dict[str, np.ndarray] | None) -> None:
         self.prompt_epoch, self.prompt_taken = int(state["prompt_epoch"]), int(state["prompt_taken"])
+        self._prompt_stream = None
         self.rng.bit_generator.state = state["rng"]
         self.buffer.clear()
         if arrays is not None:
@@ -153,17 +157,31 @@ class OnPolicy:
 
     # -- a round -----------------------------------------------------------------
     def _next_prompts(self, n: int) -> list[np.ndarray]:
+        """The next ``n`` usable prompts of this rank's prompt order. The order is
+        computed once per epoch and units are read once (tokens and loss_mask
+        only), so a prompt costs O(1), not a pass over the cache's order."""
         out: list[np.ndarray] = []
+        # Sequences and epoch ends passed since the last usable prompt: past every
+        # sequence twice over (any split of them among ranks), there is none to find.
+        misses, limit = 0, 2 * (len(self.prompts) + self.prompts.world_size)
         while len(out) < n:
-            order = self.prompts.order(self.prompt_epoch)
-            if self.prompt_taken >= len(order):
-                self.prompt_epoch, self.prompt_taken = self.prompt_epoch + 1, 0
+            if misses > limit:
+                raise HPDError(f"--prompt-cache {self.prompts.store.path}: no sequence for this rank has a prompt shorter than "
+                               f"{self.max_length - 1} tokens followed by a response; use another --prompt-cache")
+            if self._prompt_stream is None:
+                self._prompt_stream = self.prompts.sequences(self.prompt_epoch, start=self.prompt_taken, form="tokens")
+            seq = next(self._prompt_stream, None)
+            if seq is None:
+                self.prompt_epoch, self.prompt_taken, self._prompt_stream = self.prompt_epoch + 1, 0, None
+                misses += 1
                 continue
-            seq = self.prompts.read_sequence(int(order[self.prompt_taken]))
             self.prompt_taken += 1
             prompt = prompt_of(seq)
             if prompt is not None and len(prompt) + 1 < self.max_length:
-                out.append(prompt)
+                out.append(prompt.astype(np.int64))  # a copy: the unit it views is dropped once read
+                misses = 0
+            else:
+                misses += 1
         return out
 
     @torch.no_grad()
@@ -298,6 +316,9 @@ class OnPolicy:
         return collate(picks, self.k)
 
     def close(self) -> None:
+        if self._prompt_stream is not None:
+            self._prompt_stream.close()
+            self._prompt_stream = None
         if self.teacher is not None:
             self.teacher.close()
             self.teacher = None
