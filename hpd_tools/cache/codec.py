@@ -140,6 +140,9 @@ DELTA_CODEC = "hpd_tools.rank_delta"
 IDS_LEVEL = 3  # Zstd level of the ids (benchmarks/codec_choice.py: 9 and 19 gain < 1%, encode 2-25x slower)
 CODES_LEVEL = 9  # Zstd level of the code steps (3: +6% bytes; 19: -12% bytes but encodes at ~2 MB/s)
 HEAD = 4096  # ids renumbered by frequency per chunk; the rest keep their order
+# An id joins the head only if it occurs this often in the chunk: listing it costs
+# ~2 bytes, more than renumbering saves on fewer occurrences (small units).
+HEAD_MIN_COUNT = 4
 _MAGIC = b"HPI1"
 _HEADER = struct.Struct("<4sBII")  # magic, id byte width, head length, table size
 
@@ -162,7 +165,7 @@ def encode_ids(ids: np.ndarray, level: int = IDS_LEVEL, head: int = HEAD) -> byt
     size = int(flat.max()) + 1 if flat.size else 1
     counts = np.bincount(flat, minlength=size)
     top = np.argsort(-counts, kind="stable")[:head]
-    top = top[counts[top] > 0].astype(dtype)
+    top = top[counts[top] >= HEAD_MIN_COUNT].astype(dtype)
     table = _table(top, size)
     inverse = np.empty(size, dtype=dtype)
     inverse[table] = np.arange(size, dtype=dtype)
@@ -180,16 +183,30 @@ def decode_ids(raw: bytes | memoryview, dtype: np.dtype, count: int) -> np.ndarr
     magic, width, n_head, size = _HEADER.unpack_from(raw)
     if magic != _MAGIC or width != dtype.itemsize or n_head > size or size > np.iinfo(dtype).max + 1:
         raise ValueError(f"{IDS_CODEC}: chunk header is not one this version writes ({bytes(magic)!r}, width {width}, head {n_head}, table {size})")
-    body = np.frombuffer(Shuffle(elementsize=width).decode(Zstd().decode(raw[_HEADER.size:])), dtype=dtype)
-    if len(body) != n_head + count:
-        raise ValueError(f"{IDS_CODEC}: chunk holds {len(body) - n_head} ids, expected {count}")
+    try:
+        planes = np.frombuffer(Zstd().decode(raw[_HEADER.size:]), dtype=np.uint8)
+    except RuntimeError as exc:  # numcodecs' Zstd reports bad input so
+        raise ValueError(f"{IDS_CODEC}: chunk does not decompress ({exc})") from None
+    if len(planes) != (n_head + count) * width:
+        raise ValueError(f"{IDS_CODEC}: chunk holds {len(planes) // width - n_head} ids, expected {count}")
+    if width == 2:
+        # Un-shuffling two planes by shift-or is faster here than numcodecs' Shuffle.
+        lo, hi = planes.reshape(2, -1)
+        body = hi.astype(np.uint16)
+        body <<= 8
+        body |= lo
+    else:
+        body = np.frombuffer(Shuffle(elementsize=width).decode(planes), dtype=dtype)
     head = body[:n_head]
     if n_head and int(head.max()) >= size:
         raise ValueError(f"{IDS_CODEC}: chunk renumbering names id {int(head.max())} beyond its table of {size}")
     values = body[n_head:]
+    if width == 2:
+        # Over the whole uint16 range the renumbering is a permutation: every value decodes.
+        return np.take(_table(head, 1 << 16), values, mode="wrap")
     if count and int(values.max()) >= size:
         raise ValueError(f"{IDS_CODEC}: chunk holds value {int(values.max())} beyond its table of {size}")
-    return np.take(_table(head, size), values)
+    return np.take(_table(head, size), values, mode="wrap")
 
 
 @dataclass(frozen=True)

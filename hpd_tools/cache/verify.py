@@ -31,6 +31,7 @@ class VerifyReport:
     complete: bool = False
     units_claimed: int = 0  # units without a marker that a writer holds (or held, if it stopped)
     checksums: str = ""
+    format_version: int = 0
     problems: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -47,6 +48,11 @@ _DTYPES = {
 }
 
 
+# Format 3 stores these arrays with hpd-tools' own codecs (codec.py); another
+# serializer there means the cache was not written by a format-3 writer.
+_FORMAT3_SERIALIZERS = {"topk_ids": codec.IDS_CODEC, "topk_logprobs": codec.DELTA_CODEC}
+
+
 def verify_cache(path: str | Path) -> VerifyReport:
     """Check attributes, arrays, markers, checksums and every stored value; raise
     CacheCorruptError on the first violation.
@@ -54,8 +60,9 @@ def verify_cache(path: str | Path) -> VerifyReport:
     An incomplete cache is checked as far as it is written; ``complete`` in
     the report says whether it is finished. Every token-axis array must be
     chunked by the attributes' ``chunk_tokens`` (two writers that created one
-    cache at once with different --chunk-tokens would break this). On format 2
-    every chunk read is checked against its recorded CRC-32C (integrity.py).
+    cache at once with different --chunk-tokens would break this). On formats 2
+    and 3 every chunk read is checked against its recorded CRC-32C (integrity.py);
+    on format 3 the ids and codes must be in that format's codecs.
     """
     store = CacheStore(path)  # attributes present, typed, consistent; checksum tables intact
     path = store.path
@@ -78,6 +85,10 @@ def verify_cache(path: str | Path) -> VerifyReport:
             _fail(path, f"array '{name}' has shape {tuple(array.shape)}, expected {shape}")
         if str(array.dtype) not in _DTYPES[name]:
             _fail(path, f"array '{name}' has dtype {array.dtype}, expected {' or '.join(_DTYPES[name])}")
+        if int(attrs["format_version"]) >= 3 and name in _FORMAT3_SERIALIZERS:
+            names = [c.to_dict()["name"] for c in array.metadata.codecs]
+            if _FORMAT3_SERIALIZERS[name] not in names:
+                _fail(path, f"array '{name}' is stored with codecs {names}, but format 3 stores it with {_FORMAT3_SERIALIZERS[name]}")
         chunk = array.chunks[0]
         if name not in ("offsets", "example_id") and chunk != store.chunk_tokens:
             _fail(path, f"array '{name}' is chunked by {chunk} positions, the attributes say {store.chunk_tokens}")
@@ -105,7 +116,7 @@ def verify_cache(path: str | Path) -> VerifyReport:
     store.load_unit_checksums(sorted(done))
     store.check_chunk_files()
     report = VerifyReport(location=str(path), units_total=n_units, complete=store.complete, units_claimed=len(store.claimed_units() - done),
-                          checksums="crc32c" if store.checked else "none (format 1: values checked only)")
+                          checksums="crc32c" if store.checked else "none (format 1: values checked only)", format_version=int(attrs["format_version"]))
     response_tokens = 0
     progress = Progress(total=n_units, unit="units", desc="verify")
     for unit in range(n_units):
