@@ -85,3 +85,67 @@ def test_cli_in_process_vllm_online_teacher(setup, trained_teacher, tmp_path):
     found = rounds(out)
     assert len(found) == 2 and all(np.isfinite(r["onpolicy/rkl"]) for r in found)
     assert "on-policy rkl" in proc.stderr
+
+
+def _old_prompts(reader, max_length: int, n: int) -> list[np.ndarray]:
+    """The prompts as drawn before the cursor: the whole order recomputed and the
+    sequence read for every prompt."""
+    from hpd_tools.onpolicy import prompt_of
+
+    out, epoch, taken = [], 0, 0
+    while len(out) < n:
+        order = reader.order(epoch)
+        if taken >= len(order):
+            epoch, taken = epoch + 1, 0
+            continue
+        prompt = prompt_of(reader.read_sequence(int(order[taken])))
+        taken += 1
+        if prompt is not None and len(prompt) + 1 < max_length:
+            out.append(prompt)
+    return out
+
+
+@pytest.mark.parametrize("rank,world_size", [(0, 1), (1, 3), (5, 16)])  # 16 ranks: more than the cache's units, shared by sequence
+def test_prompt_cursor_draws_the_old_order_and_resumes(setup, tmp_path, rank, world_size):
+    from transformers import AutoTokenizer
+
+    from hpd_tools.cache.reader import CacheReader
+    from hpd_tools.onpolicy import OnPolicy
+
+    cfg = config(setup, tmp_path / "run")
+    tok = AutoTokenizer.from_pretrained(setup["student"])
+    lengths = [len(s.tokens) for s in CacheReader(setup["train"]).sequences(0)]
+    max_length = int(np.median(lengths))  # about half the prompts are too long: the filter matters
+    assert CacheReader(setup["train"], rank=rank, world_size=world_size).by_sequence == (world_size == 16)
+    reference = CacheReader(setup["train"], seed=cfg.seed + 1000, rank=rank, world_size=world_size)
+    want = _old_prompts(reference, max_length, 100)  # two epochs and more of this rank's share
+
+    def make() -> OnPolicy:
+        return OnPolicy(cfg, tok, setup["train"], k=16, max_length=max_length, rank=rank, world_size=world_size)
+
+    a = make()
+    got = [p for _ in range(6) for p in a._next_prompts(7)]
+    state = a.state()
+    assert state["prompt_epoch"] >= 0 and state["prompt_taken"] > 0
+    got += [p for _ in range(4) for p in a._next_prompts(7)]
+    resumed = make()
+    resumed.load_state(state, None)
+    again = [p for _ in range(4) for p in resumed._next_prompts(7)]
+    a.close()
+    resumed.close()
+    assert len(got) == 70 and all(p.dtype == np.int64 for p in got)
+    for x, y in zip(got, want):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(again, got[42:]):
+        np.testing.assert_array_equal(x, y)
+    assert a.prompt_epoch >= 1  # the draws crossed into another epoch
+
+
+def test_prompt_cache_without_a_usable_prompt_is_refused(setup, tmp_path):
+    from transformers import AutoTokenizer
+
+    from hpd_tools.onpolicy import OnPolicy
+
+    onpolicy = OnPolicy(config(setup, tmp_path / "run"), AutoTokenizer.from_pretrained(setup["student"]), setup["train"], k=16, max_length=3)
+    with pytest.raises(HPDError, match="--prompt-cache .*no sequence"):
+        onpolicy._next_prompts(1)
