@@ -122,7 +122,12 @@ def start_vllm(teacher: str, *, seed: int = 0, max_model_len: int | None = None,
     if not torch.cuda.is_available():
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
+    import vllm
     from vllm import LLM
+
+    from .engines.vllm import check_vllm_version
+
+    check_vllm_version(vllm.__version__)  # the same releases as the cache engine (the gpu extra's range)
 
     args = {"model": teacher, "seed": seed, **({"dtype": "float32"} if not torch.cuda.is_available() else {})}
     if max_model_len:
