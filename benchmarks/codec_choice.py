@@ -102,7 +102,7 @@ def trade_off(cache: str, reps: int) -> None:
         return (lambda a: compressor.encode(sh.encode(a)), lambda raw, like: np.frombuffer(sh.decode(compressor.decode(raw)), like.dtype).reshape(like.shape))
 
     def renumbered(level):
-        return (lambda a: codec.encode_ids(a, level), lambda raw, like: codec.decode_ids(raw, like.dtype, like.size).reshape(like.shape))
+        return (lambda a: codec.encode_ids(a, level), lambda raw, like: codec.decode_ids(raw, like.dtype, like.shape))
 
     def steps(compressor):
         def encode(a):

@@ -64,13 +64,13 @@ def test_ids_codec_on_wide_vocabularies_and_edge_chunks(rows):
     wide = ids.astype(np.int32) * 3 + 7  # ids past 65535: a 152k vocabulary stores int32
     assert wide.max() > 65535
     for values in (ids, wide, ids[:1], np.zeros((5, 64), np.uint16), np.full((3, 8), 65535, np.uint16)):
-        back = codec.decode_ids(codec.encode_ids(values), values.dtype, values.size).reshape(values.shape)
+        back = codec.decode_ids(codec.encode_ids(values), values.dtype, values.shape)
         assert back.dtype == values.dtype and np.array_equal(back, values)
     raw = codec.encode_ids(ids)
     with pytest.raises(ValueError, match="hpd_tools.topk_ids"):
-        codec.decode_ids(raw[:-7], ids.dtype, ids.size)
+        codec.decode_ids(raw[:-7], ids.dtype, ids.shape)
     with pytest.raises(ValueError, match="header"):
-        codec.decode_ids(b"XXXX" + raw[4:], ids.dtype, ids.size)
+        codec.decode_ids(b"XXXX" + raw[4:], ids.dtype, ids.shape)
 
 
 def test_code_steps_round_trip_sorted_and_unsorted_rows(rows):

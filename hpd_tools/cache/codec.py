@@ -155,11 +155,14 @@ def _table(head: np.ndarray, size: int) -> np.ndarray:
 
 
 def encode_ids(ids: np.ndarray, level: int = IDS_LEVEL, head: int = HEAD) -> bytes:
-    """uint16 or int32 ids, any shape -> one chunk's bytes (see :class:`TopkIdsCodec`)."""
-    flat = np.ascontiguousarray(ids).reshape(-1)
-    dtype = flat.dtype
+    """uint16 or int32 ids [..., k] -> one chunk's bytes (see :class:`TopkIdsCodec`)."""
+    ids = np.ascontiguousarray(ids)
+    dtype = ids.dtype
     if dtype not in (np.dtype(np.uint16), np.dtype(np.int32)):
         raise TypeError(f"{IDS_CODEC} stores uint16 or int32 ids, not {dtype}")
+    rows = ids.reshape(-1, ids.shape[-1] if ids.ndim > 1 else 1)
+    kept = rows.any(axis=1)  # all-zero rows (prompt positions) are not stored
+    flat = rows[kept].reshape(-1)
     if flat.size and int(flat.min()) < 0:
         raise ValueError(f"{IDS_CODEC} stores ids >= 0, got {int(flat.min())}")
     size = int(flat.max()) + 1 if flat.size else 1
@@ -169,26 +172,32 @@ def encode_ids(ids: np.ndarray, level: int = IDS_LEVEL, head: int = HEAD) -> byt
     table = _table(top, size)
     inverse = np.empty(size, dtype=dtype)
     inverse[table] = np.arange(size, dtype=dtype)
-    body = np.concatenate([top, inverse[flat]])
-    packed = Zstd(level=level).encode(Shuffle(elementsize=dtype.itemsize).encode(body))
-    return _HEADER.pack(_MAGIC, dtype.itemsize, len(top), size) + bytes(packed)
+    body = Shuffle(elementsize=dtype.itemsize).encode(np.concatenate([top, inverse[flat]]))
+    frame = np.concatenate([np.packbits(kept), np.frombuffer(body, dtype=np.uint8)])
+    return _HEADER.pack(_MAGIC, dtype.itemsize, len(top), size) + bytes(Zstd(level=level).encode(frame))
 
 
-def decode_ids(raw: bytes | memoryview, dtype: np.dtype, count: int) -> np.ndarray:
-    """Inverse of :func:`encode_ids`: ``count`` ids of ``dtype``, flat."""
+def decode_ids(raw: bytes | memoryview | np.ndarray, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """Inverse of :func:`encode_ids`: ids of ``dtype`` and ``shape``."""
     dtype = np.dtype(dtype)
-    raw = memoryview(raw)
+    raw = memoryview(raw).cast("B")
     if len(raw) < _HEADER.size:
         raise ValueError(f"{IDS_CODEC}: chunk of {len(raw)} bytes is shorter than its header")
     magic, width, n_head, size = _HEADER.unpack_from(raw)
     if magic != _MAGIC or width != dtype.itemsize or n_head > size or size > np.iinfo(dtype).max + 1:
         raise ValueError(f"{IDS_CODEC}: chunk header is not one this version writes ({bytes(magic)!r}, width {width}, head {n_head}, table {size})")
     try:
-        planes = np.frombuffer(Zstd().decode(raw[_HEADER.size:]), dtype=np.uint8)
+        frame = np.frombuffer(Zstd().decode(raw[_HEADER.size:]), dtype=np.uint8)
     except RuntimeError as exc:  # numcodecs' Zstd reports bad input so
         raise ValueError(f"{IDS_CODEC}: chunk does not decompress ({exc})") from None
-    if len(planes) != (n_head + count) * width:
-        raise ValueError(f"{IDS_CODEC}: chunk holds {len(planes) // width - n_head} ids, expected {count}")
+    k = shape[-1] if len(shape) > 1 else 1
+    n = int(np.prod(shape)) // k if k else 0
+    n_mask = -(-n // 8)
+    kept = np.unpackbits(frame[:n_mask], count=n).view(bool) if len(frame) >= n_mask else None
+    n_kept = int(kept.sum()) if kept is not None else -1
+    planes = frame[n_mask:]
+    if kept is None or len(planes) != (n_head + n_kept * k) * width:
+        raise ValueError(f"{IDS_CODEC}: chunk of {len(frame)} bytes does not hold {n} rows of {k} ids")
     if width == 2:
         # Un-shuffling two planes by shift-or is faster here than numcodecs' Shuffle.
         lo, hi = planes.reshape(2, -1)
@@ -203,19 +212,28 @@ def decode_ids(raw: bytes | memoryview, dtype: np.dtype, count: int) -> np.ndarr
     values = body[n_head:]
     if width == 2:
         # Over the whole uint16 range the renumbering is a permutation: every value decodes.
-        return np.take(_table(head, 1 << 16), values, mode="wrap")
-    if count and int(values.max()) >= size:
-        raise ValueError(f"{IDS_CODEC}: chunk holds value {int(values.max())} beyond its table of {size}")
-    return np.take(_table(head, size), values, mode="wrap")
+        table = _table(head, 1 << 16)
+    else:
+        if values.size and int(values.max()) >= size:
+            raise ValueError(f"{IDS_CODEC}: chunk holds value {int(values.max())} beyond its table of {size}")
+        table = _table(head, size)
+    if n_kept == n:
+        return np.take(table, values, mode="wrap").reshape(shape)
+    out = np.zeros((n, k), dtype=dtype)
+    out[kept] = np.take(table, values, mode="wrap").reshape(n_kept, k)
+    return out.reshape(shape)
 
 
 @dataclass(frozen=True)
 class TopkIdsCodec(ArrayBytesCodec):
-    """Zarr v3 array -> bytes codec for top-k ids (uint16 or int32, little-endian):
+    """Zarr v3 array -> bytes codec for top-k ids [..., k] (uint16 or int32):
     a 13-byte header (magic ``HPI1``, id width, head length h, table size T), then
-    one Zstd frame of the byte-shuffled ids ``head[0:h] ++ stored``. Stored value
-    v decodes to ``table[v]``, table = head followed by the ids 0..T-1 not in head,
-    ascending; head is the chunk's most frequent ids, most frequent first."""
+    one Zstd frame: a bitmap of the rows stored (``numpy.packbits``; rows of zeros,
+    the prompt positions, are not), then the byte-shuffled little-endian ids
+    ``head[0:h] ++ stored rows``. A stored value v decodes to ``table[v]``, table
+    = head followed by the ids 0..T-1 not in head, ascending (for uint16, by all
+    of 0..65535); head is the chunk's most frequent ids (those seen at least
+    HEAD_MIN_COUNT times, at most HEAD), most frequent first."""
 
     is_fixed_size = False
     level: int = IDS_LEVEL
@@ -231,8 +249,8 @@ class TopkIdsCodec(ArrayBytesCodec):
 
     def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: "ArraySpec") -> NDBuffer:
         dtype = chunk_spec.dtype.to_native_dtype()
-        ids = decode_ids(chunk_bytes.as_numpy_array(), dtype, int(np.prod(chunk_spec.shape)))
-        return chunk_spec.prototype.nd_buffer.from_ndarray_like(ids.reshape(chunk_spec.shape))
+        ids = decode_ids(chunk_bytes.as_numpy_array(), dtype, tuple(chunk_spec.shape))
+        return chunk_spec.prototype.nd_buffer.from_ndarray_like(ids)
 
     async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: "ArraySpec") -> NDBuffer:
         return self._decode_sync(chunk_bytes, chunk_spec)
