@@ -297,7 +297,7 @@ def watching_draws(model):
     """Records, per chunk of one training step, the y' drawn in the forward pass,
     the y' the checkpointed recomputation trains (the kept draw, or the old code's
     second draw), and the y' a fresh draw from the recomputed logits would give."""
-    import hpd_tools.distill as distill
+    import hpd_tools.training.student as distill  # where chunked_loss calls the loss and the sampler
     import hpd_tools.losses as losses
 
     original = getattr(losses, "sample_from_logits", None)
