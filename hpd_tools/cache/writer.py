@@ -13,6 +13,40 @@ Order of work, each step cheap before the expensive one:
    score it with the teacher; write the unit's chunks, then its marker;
 5. the writer that finds every unit done marks the cache complete.
 
+Pipelining. The calling thread claims units, fills them from donors and has the
+teacher score them; ``write_threads`` threads code the finished units (the
+companded log-prob code and its distortion statistics), compress and write
+their chunks, fsync them and put the markers, while the teacher scores the
+next ones. The teacher gets one call per window of ``units_in_flight // 2``
+units (the ready sequences of all of them; 131k tokens at the defaults, 16
+units of 16,384), not a few thousand tokens at a time: vLLM schedules best
+holding many requests, and the transformers engine cuts a call into
+``--batch-tokens`` batches itself. The work beside the teacher releases the
+GIL where it is heavy (Zstd, LZMA and Blosc in zarr's codec threads, file
+writes and fsync, numpy's loops in the code); benchmarks/write_path.py
+measures the gain.
+
+Memory is bounded: at most ``units_in_flight`` units (default 16) are held
+from claim to marker, each ~7.5 MB at 16,384 positions and k=64 with uint16
+ids (~9.5 MB with int32 ids: float32 exact log-probs plus the stored arrays),
+plus the window's teacher output while it is split into units. The only
+excess is a unit opened past the cap for a sequence that runs into it (at
+most ``max_length / chunk_tokens + 1`` units). ``write_threads=0`` does
+everything in the calling thread, one unit at a time (the serial path, the
+benchmark's baseline).
+
+Each sequence is scored once: a sequence that crosses unit boundaries waits
+until every unit of this writer it touches is open, is scored once up to its
+last needed position, and its rows are split into those units' buffers. (A
+unit taken over later from a stopped writer is scored on its own.)
+
+Failures: the first error of a write thread (a full disk, a codec error) is
+raised in the calling thread as the same exception the serial path raises;
+writes already in flight finish and keep their markers, claims of units that
+did not finish are released, and nothing half-written counts as data (a unit
+without a marker is recomputed). Crash safety is unchanged: a unit's chunks
+are durable before its marker, whatever thread writes them.
+
 The cache may be a local folder or an fsspec URL (layout.py says how each is
 kept consistent).
 """
@@ -22,6 +56,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +70,7 @@ from ..hashing import chat_template_hash, hash_obj, model_hash, sha256_hex, toke
 from ..progress import Progress
 from . import codec
 from .reader import check_offsets, read_rows
-from .layout import ARRAYS, FORMAT_VERSION, CacheStore, claim_lease, Location, Plan, as_location, cache_home, caches_under, create_cache, is_cache
+from .layout import ARRAYS, FORMAT_VERSION, TEACHER_ARRAYS, CacheStore, claim_lease, Location, Plan, as_location, cache_home, caches_under, create_cache, is_cache
 from .storage import check_writable
 
 log = logging.getLogger(__name__)
@@ -60,6 +95,11 @@ class CacheConfig:
     reuse: bool = True
     seed: int = 0
     engine_args: dict[str, Any] = field(default_factory=dict)
+    # Threads that code, compress and write finished units while the teacher scores
+    # (0: in the scoring thread, one unit at a time, the serial path), and the units
+    # held in memory at once, from claim to marker (module docstring: "Pipelining").
+    write_threads: int = 2
+    units_in_flight: int = 16
 
     def validate(self) -> None:
         index, count = self.shard
@@ -74,6 +114,10 @@ class CacheConfig:
         # Sequences are batched up to this many tokens; one longer than it is scored alone.
         if self.batch_tokens < 1:
             raise HPDError(f"--batch-tokens {self.batch_tokens}: must be at least 1 (tokens per teacher call; a longer sequence goes alone)")
+        if self.write_threads < 0:
+            raise HPDError(f"write_threads {self.write_threads}: must be 0 or more (0 writes in the scoring thread)")
+        if self.units_in_flight < 1:
+            raise HPDError(f"units_in_flight {self.units_in_flight}: must be at least 1")
         if self.seed < 0:
             raise HPDError(f"--seed {self.seed}: must be 0 or more")
         if self.engine not in ("vllm", "hf"):
@@ -372,6 +416,263 @@ def _occupied(out: Location) -> bool:
     return not set(out.listdir()) <= {*ARRAYS, "progress", "checksums"}
 
 
+@dataclass(eq=False)
+class _Unit:
+    """A claimed unit while its rows arrive: the stored arrays (rows reused from a donor
+    already in place) and the teacher's exact top-k log-probs of its scored response
+    rows, which a write thread encodes once every sequence has arrived."""
+
+    unit: int
+    start: int
+    buffers: dict[str, np.ndarray]
+    exact: np.ndarray  # float32 [n, k]
+    scored: np.ndarray  # bool [n]: response rows whose top-k came from the teacher
+    missing: int = 0  # parts of sequences whose scores have not arrived
+    reused: int = 0
+    tokens_scored: int = 0
+
+
+@dataclass(eq=False)
+class _Waiting:
+    """A sequence to score: its rows [a, b) in each open unit it touches, and the last
+    unit any of its positions lies in (it is scored once no later unit can add a part)."""
+
+    parts: list[tuple[_Unit, int, int]]
+    last_unit: int
+
+
+def _encode_unit(unit: _Unit, tokenizer_size: int) -> dict[str, Any]:
+    """Code the unit's scored top-k rows in place and measure what the code distorts."""
+    rows = np.flatnonzero(unit.scored)
+    stats = {"distortion_sum": 0.0, "distortion_max": 0.0, "weighted_abs_error_sum": 0.0, "topk_rows": int(len(rows)), "mass_past_tokenizer_sum": 0.0}
+    if not len(rows):
+        return stats
+    exact = unit.exact[rows]
+    head, codes = codec.encode_logprobs(exact)
+    unit.buffers["topk_head"][rows] = head
+    unit.buffers["topk_logprobs"][rows] = codes
+    d, w = codec.kl_distortion(exact, codec.decode_logprobs(head, codes))
+    stats.update(distortion_sum=float(d.sum()), weighted_abs_error_sum=float(w.sum()), distortion_max=float(d.max()))
+    ids = unit.buffers["topk_ids"][rows]
+    if tokenizer_size <= np.iinfo(ids.dtype).max:
+        # Mass on ids no token has (embedding rows past the tokenizer): a student
+        # narrower than the teacher drops it (losses.py), info reports it.
+        past = ids >= tokenizer_size
+        if past.any():
+            stats["mass_past_tokenizer_sum"] = float(np.exp(exact.astype(np.float64))[past].sum())
+    return stats
+
+
+# Engines whose scores of a sequence change in the last bits with the sequences that
+# share its call (transformers: batch shapes and padding pick different kernels, ~2e-6
+# here) but are otherwise reproducible. They get calls whose make-up follows from the
+# plan alone (see _calls), so a resumed, sharded or shared run writes the same bytes as
+# an uninterrupted one. vLLM batches as its scheduler likes in any case: it gets one
+# call per window.
+CALL_SENSITIVE_ENGINES = ("hf",)
+
+
+def _calls(ready: list[tuple[int, _Waiting]], plan: Plan, fixed: bool) -> list[list[tuple[int, _Waiting]]]:
+    """The teacher calls for ``ready`` sequences: one, or with ``fixed``, one per unit
+    for the sequences inside that unit (all of them are ready together) and one per
+    sequence that crosses a unit boundary (scored alone: whoever needs its rows, in
+    whatever run, computes the same numbers)."""
+    if not fixed:
+        return [ready]
+    inside: dict[int, list[tuple[int, _Waiting]]] = {}
+    crossing = []
+    for s, w in ready:
+        first, last = int(plan.offsets[s]) // plan.chunk_tokens, (int(plan.offsets[s + 1]) - 1) // plan.chunk_tokens
+        if first == last:
+            inside.setdefault(first, []).append((s, w))
+        else:
+            crossing.append([(s, w)])
+    return [sorted(group, key=lambda job: job[0]) for _, group in sorted(inside.items())] + crossing
+
+
+class _UnitWriter:
+    """Claims units, has the teacher score their sequences in windows, and hands each
+    finished unit to a pool of write threads (module docstring: "Pipelining")."""
+
+    def __init__(self, store: CacheStore, plan: Plan, config: CacheConfig, dtype: str, result: CacheResult,
+                 donors: _Donors, progress: Progress, teacher: TeacherEngine | None):
+        self.store, self.plan, self.config, self.dtype = store, plan, config, dtype
+        self.result, self.donors, self.progress, self.teacher = result, donors, progress, teacher
+        self.k = store.k
+        self.ids_dtype = np.dtype(store.array("topk_ids").dtype)
+        self.tokenizer_size = int((store.attrs.get("tokenizer") or {}).get("size") or 1 << 62)
+        for name in TEACHER_ARRAYS:
+            store.array(name)  # opened here, before the threads share the store
+        self.cap = config.units_in_flight
+        self.window = max(1, self.cap // 2) if config.write_threads else 1
+        self.pool = ThreadPoolExecutor(config.write_threads, thread_name_prefix="hpd-cache-write") if config.write_threads else None
+        self.open: dict[int, _Unit] = {}  # claimed, rows still arriving
+        self.waiting: dict[int, _Waiting] = {}  # sequence -> its parts in open units
+        self.running: set[Future] = set()  # units being coded and written
+        self.fresh = 0  # units opened since the last teacher call
+        self.failure: BaseException | None = None
+        self.reused_sequences: set[int] = set()
+
+    # -- the scoring thread -------------------------------------------------
+    def run(self, units: list[int]) -> list[int]:
+        """Claim, score and write ``units`` (in order); returns those another writer holds."""
+        held = []
+        for i, unit in enumerate(units):
+            self._reap(block=False)
+            horizon = units[i + 1] if i + 1 < len(units) else None
+            self._make_room(unit)  # before the claim: a unit waiting here stays free for another writer
+            if not self.store.claim(unit):
+                held.append(unit)
+                continue
+            if self.store.is_done(unit):  # finished by another writer since this one listed its work
+                self.store.release(unit)
+                continue
+            self._open(unit)
+            self.fresh += 1
+            if self.fresh >= self.window:
+                self._score(horizon)
+        self._score(None)
+        return held
+
+    def _make_room(self, unit: int) -> None:
+        while len(self.open) + len(self.running) >= self.cap:
+            if self.running:
+                self._reap(block=True)
+            elif self.open:
+                before = len(self.open)
+                self._score(unit)  # every sequence that does not reach ``unit``
+                if len(self.open) == before:
+                    return  # the open units wait for sequences that run into ``unit``: one more is allowed
+            else:
+                return
+
+    def _open(self, unit: int) -> None:
+        plan = self.plan
+        start, end = plan.unit_range(unit)
+        n = end - start
+        u = _Unit(unit, start, _unit_buffers(n, self.k, self.ids_dtype), np.zeros((n, self.k), dtype=np.float32), np.zeros(n, dtype=bool))
+        queued = 0
+        for s in plan.sequences_in(start, end):
+            o0, o1 = int(plan.offsets[s]), int(plan.offsets[s + 1])
+            a, b = max(o0, start) - o0, min(o1, end) - o0
+            if self.donors.caches:
+                rows = self.donors.take(int(plan.example_ids[s]), plan.tokens[o0:o1], a, b)
+                if rows is not None:
+                    for name, values in rows.items():
+                        u.buffers[name][o0 + a - start : o0 + b - start] = values
+                    u.reused += 1
+                    self.reused_sequences.add(s)
+                    continue
+            b_label = min(b, o1 - o0 - 1)  # rows with a next token
+            if b_label > a:
+                waiting = self.waiting.get(s)
+                if waiting is None:
+                    waiting = self.waiting[s] = _Waiting([], (o1 - 1) // plan.chunk_tokens)
+                waiting.parts.append((u, a, b_label))
+                u.missing += 1
+                queued += b_label - a
+        self.progress.update(n - queued, count_rate=False)
+        self.open[unit] = u
+        if not u.missing:
+            self._finish_ready()
+
+    def _score(self, horizon: int | None) -> None:
+        """Score every waiting sequence no unit from ``horizon`` on touches (all of
+        them when None), each whole and once, and split its rows into its units."""
+        self.fresh = 0
+        ready = [(s, w) for s, w in self.waiting.items() if horizon is None or w.last_unit < horizon]
+        if not ready:
+            self._finish_ready()
+            return
+        if self.teacher is None:
+            from ..engines import make_teacher
+
+            self.progress.note("starting teacher")
+            c = self.config
+            self.teacher = make_teacher(c.engine, c.teacher, k=self.k, max_length=self.store.attrs["max_length"], dtype=self.dtype,
+                                        batch_tokens=c.batch_tokens, seed=c.seed, engine_args=c.engine_args)
+            if self.teacher.vocab_size < self.k:
+                raise HPDError(f"--top-k {self.k}: larger than the engine's vocabulary ({self.teacher.vocab_size})")
+            self.progress.restart_clock()
+        for call in _calls(ready, self.plan, getattr(self.teacher, "name", None) in CALL_SENSITIVE_ENGINES):
+            self._score_call(call)
+        self._finish_ready()
+
+    def _score_call(self, call: list[tuple[int, _Waiting]]) -> None:
+        plan = self.plan
+        sequences = [plan.tokens[plan.offsets[s] : plan.offsets[s + 1]] for s, _ in call]
+        t0 = time.time()
+        scores = self.teacher.score(sequences, self.k)
+        self.result.score_seconds += time.time() - t0
+        for (s, w), tokens, sc in zip(call, sequences, scores):
+            del self.waiting[s]
+            o0 = int(plan.offsets[s])
+            for u, a, b in w.parts:
+                lo, hi = o0 + a - u.start, o0 + b - u.start
+                u.buffers["label_logprob"][lo:hi] = sc.label_logprob[a:b]
+                mask = plan.loss_mask[o0 + a : o0 + b]
+                rows = np.flatnonzero(mask) + lo
+                u.exact[rows] = sc.topk_logprobs[a:b][mask]
+                u.buffers["topk_ids"][rows] = sc.topk_ids[a:b][mask]
+                u.scored[rows] = True
+                u.missing -= 1
+                self.progress.update(b - a)
+            w.parts[-1][0].tokens_scored += len(tokens)  # counted once, in the unit that completes it
+
+    def _finish_ready(self) -> None:
+        for unit in [unit for unit, u in self.open.items() if not u.missing]:
+            u = self.open.pop(unit)
+            if self.pool is None:
+                self._account(self._write(u))
+            else:
+                self.running.add(self.pool.submit(self._write, u))
+
+    def _reap(self, block: bool) -> None:
+        """Collect finished writes; the first failure is raised here, in the scoring thread."""
+        if self.running:
+            done, _ = wait(self.running, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+            for future in done:
+                self.running.discard(future)
+                if future.exception() is not None:
+                    self.failure = self.failure or future.exception()
+                else:
+                    self._account(future.result())
+        if self.failure is not None:
+            raise self.failure
+
+    def _account(self, u: _Unit) -> None:
+        self.result.units_computed += 1
+        self.result.tokens_scored += u.tokens_scored
+        self.result.sequences_reused = len(self.reused_sequences)
+
+    def drain(self) -> None:
+        while self.running:
+            self._reap(block=True)
+        self._reap(block=False)
+
+    def close(self) -> None:
+        """Let writes in flight finish (finished units are kept), release the claims of
+        units that never got their rows, and stop the threads."""
+        if self.running:
+            wait(self.running)
+        for unit in self.open:
+            self.store.release(unit)
+        self.open.clear()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
+    # -- a write thread -------------------------------------------------------
+    def _write(self, u: _Unit) -> _Unit:
+        """Code, check and durably write one unit, then its marker; the claim is released even on failure."""
+        try:
+            stats = _encode_unit(u, self.tokenizer_size)
+            self.store.write_unit(u.unit, u.buffers, {"unit": u.unit, "sequences_reused": u.reused, "tokens_scored": u.tokens_scored, **stats})
+        finally:
+            self.store.release(u.unit)
+        u.buffers = u.exact = u.scored = None  # type: ignore[assignment]
+        return u
+
+
 def _fill(store: CacheStore, plan: Plan, config: CacheConfig, dtype: str, result: CacheResult, roots: list[Location], teacher: TeacherEngine | None) -> None:
     index, count = config.shard
     done = store.done_units()
@@ -379,93 +680,11 @@ def _fill(store: CacheStore, plan: Plan, config: CacheConfig, dtype: str, result
     if not pending:
         return
     donors = _Donors.find(roots, store.attrs["compat"], store.location) if config.reuse else _Donors([])
-    k = store.k
-    ids_dtype = np.dtype(store.array("topk_ids").dtype)
-    tokenizer_size = int((store.attrs.get("tokenizer") or {}).get("size") or 1 << 62)
-    own_teacher = teacher is None
-    reused_sequences: set[int] = set()
     total = sum(plan.unit_range(u)[1] - plan.unit_range(u)[0] for u in pending)
     progress = Progress(total=total, unit="tok", desc=f"cache shard {index}/{count}")
-
-    def compute(unit: int) -> None:
-        """Score (or reuse) one claimed unit and write it; the claim is released even on failure."""
-        try:
-            if not store.is_done(unit):  # else finished by another writer since this one listed its work
-                work(unit)
-        finally:
-            store.release(unit)
-
-    def work(unit: int) -> None:
-        nonlocal teacher
-        start, end = plan.unit_range(unit)
-        buffers = _unit_buffers(end - start, k, ids_dtype)
-        jobs = []  # (sequence start, local a, local b, prefix tokens)
-        reused = 0
-        for s in plan.sequences_in(start, end):
-            o0, o1 = int(plan.offsets[s]), int(plan.offsets[s + 1])
-            a, b = max(o0, start) - o0, min(o1, end) - o0
-            seq_tokens = plan.tokens[o0:o1]
-            reused_rows = donors.take(int(plan.example_ids[s]), seq_tokens, a, b) if donors.caches else None
-            if reused_rows is not None:
-                for name, rows in reused_rows.items():
-                    buffers[name][o0 + a - start : o0 + b - start] = rows
-                reused += 1
-                reused_sequences.add(s)
-                continue
-            # Rows with a next token: local positions a .. min(b, L-1) - 1.
-            b_label = min(b, o1 - o0 - 1)
-            if b_label > a:
-                jobs.append((o0, a, b_label, seq_tokens[: b_label + 1]))
-        distortion = {"distortion_sum": 0.0, "distortion_max": 0.0, "weighted_abs_error_sum": 0.0, "topk_rows": 0, "mass_past_tokenizer_sum": 0.0}
-        if jobs and teacher is None:
-            from ..engines import make_teacher
-
-            progress.note("starting teacher")
-            teacher = make_teacher(config.engine, config.teacher, k=k, max_length=store.attrs["max_length"], dtype=dtype, batch_tokens=config.batch_tokens, seed=config.seed, engine_args=config.engine_args)
-            if teacher.vocab_size < k:
-                raise HPDError(f"--top-k {k}: larger than the engine's vocabulary ({teacher.vocab_size})")
-            progress.restart_clock()
-        scored_tokens = 0
-        for batch in _batches(jobs, config.batch_tokens):
-            t0 = time.time()
-            scores = teacher.score([j[3] for j in batch], k)
-            result.score_seconds += time.time() - t0
-            for (o0, a, b, prefix), sc in zip(batch, scores):
-                lo, hi = o0 + a - start, o0 + b - start
-                buffers["label_logprob"][lo:hi] = sc.label_logprob[a:b]
-                mask = plan.loss_mask[o0 + a : o0 + b]
-                exact = sc.topk_logprobs[a:b][mask]
-                head, codes = codec.encode_logprobs(exact)
-                rows = np.flatnonzero(mask) + lo
-                buffers["topk_head"][rows] = head
-                buffers["topk_logprobs"][rows] = codes
-                buffers["topk_ids"][rows] = sc.topk_ids[a:b][mask]
-                if len(exact):
-                    d, w = codec.kl_distortion(exact, codec.decode_logprobs(head, codes))
-                    distortion["distortion_sum"] += float(d.sum())
-                    distortion["weighted_abs_error_sum"] += float(w.sum())
-                    distortion["distortion_max"] = max(distortion["distortion_max"], float(d.max()))
-                    distortion["topk_rows"] += int(len(exact))
-                    # Mass on ids no token has (embedding rows past the tokenizer): a student
-                    # narrower than the teacher drops it (losses.py), info reports it.
-                    past = sc.topk_ids[a:b][mask] >= tokenizer_size
-                    if past.any():
-                        distortion["mass_past_tokenizer_sum"] += float(np.exp(exact.astype(np.float64))[past].sum())
-                scored_tokens += len(prefix)
-            progress.update(sum(b - a for _, a, b, _ in batch))
-        progress.update((end - start) - sum(b - a for _, a, b, _ in jobs), count_rate=False)
-        store.write_unit(unit, buffers, {"unit": unit, "sequences_reused": reused, "tokens_scored": scored_tokens, **distortion})
-        result.units_computed += 1
-        result.sequences_reused = len(reused_sequences)
-        result.tokens_scored += scored_tokens
-
+    writer = _UnitWriter(store, plan, config, dtype, result, donors, progress, teacher)
     try:
-        waiting: list[int] = []
-        for unit in pending:
-            if store.claim(unit):
-                compute(unit)
-            else:
-                waiting.append(unit)  # another writer of this cache and shard is on it
+        waiting = writer.run(pending)  # units another writer of this cache and shard is on
         told = 0.0
         while waiting:
             done = store.done_units()
@@ -475,26 +694,13 @@ def _fill(store: CacheStore, plan: Plan, config: CacheConfig, dtype: str, result
                 progress.note(f"{len(waiting)} unit(s) are being written by another process (unit {waiting[0]}: {store.claim_holder(waiting[0])}); "
                               f"waiting for them, and taking over any whose claim is not renewed for {claim_lease():.0f} s (HPD_CLAIM_LEASE_SECONDS)")
                 told = time.monotonic()
-            for unit in list(waiting):
-                if store.claim(unit):  # its writer stopped (dead process or stale lease): do it here
-                    compute(unit)
-                    waiting.remove(unit)
+            if waiting:
+                waiting = writer.run(waiting)  # its writer stopped (dead process or stale lease): do it here
             if waiting:
                 time.sleep(0.5 if store.location.local is not None else 2.0)
+        writer.drain()
     finally:
+        writer.close()
         progress.close()
-        if own_teacher and teacher is not None:
-            teacher.close()
-
-
-def _batches(jobs: list, budget: int) -> list[list]:
-    batches: list[list] = []
-    size = 0
-    for job in jobs:
-        if batches and size + len(job[3]) <= budget:
-            batches[-1].append(job)
-            size += len(job[3])
-        else:
-            batches.append([job])
-            size = len(job[3])
-    return batches
+        if teacher is None and writer.teacher is not None:
+            writer.teacher.close()
