@@ -86,6 +86,7 @@ from ..errors import CacheCorruptError, CacheError
 from . import codec, integrity
 from .integrity import FILL, STATIC_ARRAYS, STATIC_FILE, UNITS_FILE, UNKNOWN, ChecksummedStore
 from .storage import Location, as_location, fsync_dir, os_problem
+from .storage import _write_atomic as write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -554,7 +555,14 @@ class CacheStore:
             raise CacheError(f"{self.path}: writing unit {unit} failed ({os_problem(exc)}); fix that and rerun the same command: the units already written are kept") from None
         sums = {name: crc for name, (crc, _) in written.items()}
         sizes = {name: size for name, (_, size) in written.items()}
-        self.location.write(unit_marker(unit), json.dumps({**stats, "checksums": sums, "sizes": sizes}).encode())
+        marker = json.dumps({**stats, "checksums": sums, "sizes": sizes}).encode()
+        if self.location.local is None:
+            self.location.write(unit_marker(unit), marker)
+            return
+        try:  # one message for the unit whichever of its files fails: with write threads, others fill the disk between a unit's chunks and its marker
+            write_atomic(self.location.local / unit_marker(unit), marker)
+        except OSError as exc:
+            raise CacheError(f"{self.path}: writing unit {unit} failed ({os_problem(exc)}); fix that and rerun the same command: the units already written are kept") from None
 
     def finish_if_done(self) -> bool:
         """Mark the cache complete when every unit is done. Idempotent: any writer
