@@ -125,11 +125,12 @@ def test_checkpoint_resumes_across_world_sizes(setup, reference, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_more_slots_than_units_is_a_clear_error(setup, tmp_path):
-    n_units = json.loads(run_cli("info", setup["cache"]).stdout)["units_total"]
-    result = run_cli(*distill_args(setup, tmp_path / "run", "--grad-accum", str(n_units + 1)))
+def test_more_slots_than_sequences_is_a_clear_error(setup, tmp_path):
+    # More slots than units is fine (slots share units by sequence: tests/test_stream.py); more than sequences is not.
+    n = json.loads(run_cli("info", setup["cache"]).stdout)["sequences"]
+    result = run_cli(*distill_args(setup, tmp_path / "run", "--grad-accum", str(n + 1)))
     assert result.returncode == 2
-    assert f"{n_units} units" in result.stderr and f"{n_units + 1} data slots" in result.stderr
+    assert f"{n} sequences" in result.stderr and f"{n + 1} data slots" in result.stderr
     assert not (tmp_path / "run").exists()
 
 

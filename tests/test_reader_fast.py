@@ -105,7 +105,8 @@ def test_uint16_ids_above_32767_and_float32_labels():
     unit = _UnitRows(first=0, starts=np.array([0, 20, 40]), trained=np.searchsorted(rows, [0, 20, 40]),
                      tokens=rng.integers(0, 65536, n).astype(np.int32), loss_mask=mask,
                      label_logprob=-rng.random(len(rows)).astype(np.float32), topk_head=-rng.random(len(rows)).astype(np.float16),
-                     topk_ids=rng.integers(32000, 65536, (len(rows), k)).astype(np.uint16), topk_codes=np.sort(rng.integers(0, 256, (len(rows), k)), axis=1).astype(np.uint8))
+                     topk_ids=rng.integers(32000, 65536, (len(rows), k)).astype(np.uint16), topk_codes=np.sort(rng.integers(0, 256, (len(rows), k)), axis=1).astype(np.uint8),
+                     example_ids=np.arange(2, dtype=np.uint64))
     batch = assemble([unit.sequence(0), unit.sequence(1)], k)
     _, t = batch_targets(batch, "cpu")
     np.testing.assert_array_equal(t.topk_ids.numpy(), unit.topk_ids.astype(np.int64))

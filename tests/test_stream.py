@@ -96,3 +96,54 @@ def test_packed_batches_fill_the_budget_and_resume_exactly(two_caches, width):
         got = again.next_batch()
         np.testing.assert_array_equal(got.input_ids, want.input_ids)
         np.testing.assert_array_equal(got.sources, want.sources)
+
+
+@pytest.fixture(scope="module")
+def two_unit_cache(trained_teacher, tmp_path_factory):
+    """A cache of 2 units, for runs with 4 data slots."""
+    from transformers import AutoTokenizer
+
+    root = tmp_path_factory.mktemp("small")
+    records = train_records(16)
+    tok = AutoTokenizer.from_pretrained(trained_teacher)
+    n = sum(len(tok.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"]) for r in records)
+    data = write_jsonl(root / "train.jsonl", records)
+    cache = build_cache(CacheConfig(data=str(data), teacher=str(trained_teacher), out=str(root / "cache"), engine="hf", top_k=16, max_length=512,
+                                    chunk_tokens=(n // 2 + 16) // 16 * 16)).location
+    from hpd_tools.cache.layout import CacheStore
+
+    assert CacheStore(cache).n_units == 2
+    from test_distill import make_student
+
+    return {"cache": cache, "student": make_student(trained_teacher, root / "student"), "root": root}
+
+
+def test_small_cache_on_four_slots_two_processes_match_one(two_unit_cache, tmp_path):
+    """2 units, 4 data slots: slots share the units by sequence, and 2 processes x
+    --grad-accum 2 take the same steps as 1 process x --grad-accum 4."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from conftest import run_cli
+    from test_distributed import torchrun
+
+    def args(out, accum):
+        return ["distill", "--cache", two_unit_cache["cache"], "--student", str(two_unit_cache["student"]), "--out", str(out), "--loss", "hpd",
+                "--max-steps", "2", "--batch-tokens", "512", "--lr", "2e-3", "--loss-chunk-tokens", "128", "--seed", "3", "--grad-accum", str(accum)]
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    result = run_cli(*args(one, 4))
+    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun(*args(two, 2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [[json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in x] for run in (one, two)]
+    assert [r["step"] for r in rows[0]] == [r["step"] for r in rows[1]] == [1, 2]
+    for a, b in zip(*rows):
+        assert a["response_tokens"] == b["response_tokens"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4, abs=1e-5)
+    pa, pb = load_file(one / "final" / "model.safetensors"), load_file(two / "final" / "model.safetensors")
+    start = load_file(two_unit_cache["student"] / "model.safetensors")
+    worst = max(float((pa[k] - pb[k]).abs().max()) for k in pa)
+    moved = max(float((pa[k] - start[k]).abs().max()) for k in pa)
+    assert worst < 2e-4 and moved > 50 * max(worst, 1e-6)

@@ -164,6 +164,7 @@ class _UnitRows:
     topk_head: np.ndarray  # float16 [R]
     topk_ids: np.ndarray  # uint16/int32 [R, k]
     topk_codes: np.ndarray  # uint8 [R, k]
+    example_ids: np.ndarray  # [S]
 
     def sequence(self, index: int) -> SequenceRows:
         j = index - self.first
@@ -287,7 +288,9 @@ class CacheReader:
         last = int(np.searchsorted(self.offsets, end, side="left"))
         lo, hi = (int(self.offsets[first]), int(self.offsets[last])) if first < last else (0, 0)
         names = ("tokens", "loss_mask") + (("label_logprob", "topk_head", "topk_ids", "topk_logprobs") if teacher else ())
-        a = self._read_many(names, slice(lo, hi), f"unit {unit}")
+        reads = {name: (name, slice(lo, hi)) for name in names}
+        reads["example_id"] = ("example_id", slice(first, last))  # unused by training, read so that damage to it is found as the dense path finds it
+        a = self._read_many(reads, f"unit {unit}")
         starts = (self.offsets[first : last + 1] - lo).astype(np.int64)
         if teacher:
             rows = np.flatnonzero(a["loss_mask"])
@@ -297,16 +300,16 @@ class CacheReader:
             trained = np.zeros(len(starts), dtype=np.int64)
             teach = {"label_logprob": np.zeros(0, np.float32), "topk_head": np.zeros(0, np.float16),
                      "topk_ids": np.zeros((0, self.k), np.int32), "topk_logprobs": np.zeros((0, self.k), np.uint8)}
-        return _UnitRows(first, starts, trained, a["tokens"], a["loss_mask"], teach["label_logprob"], teach["topk_head"], teach["topk_ids"], teach["topk_logprobs"])
+        return _UnitRows(first, starts, trained, a["tokens"], a["loss_mask"], teach["label_logprob"], teach["topk_head"], teach["topk_ids"], teach["topk_logprobs"], a["example_id"])
 
-    def _read_many(self, names: tuple[str, ...], rows: slice, what: str) -> dict[str, np.ndarray]:
+    def _read_many(self, reads: dict[str, tuple[str, slice]], what: str) -> dict[str, np.ndarray]:
         """Several arrays' rows, read concurrently: each read waits on zarr's event
         loop, whose decoders run in threads and release the GIL, so the arrays'
         chunks decode side by side instead of one array after another."""
         if self._io is None:
-            self._io = concurrent.futures.ThreadPoolExecutor(6, thread_name_prefix="hpd-read")
-        futures = {name: self._io.submit(self._read, name, rows, what) for name in names}
-        return {name: f.result() for name, f in futures.items()}
+            self._io = concurrent.futures.ThreadPoolExecutor(7, thread_name_prefix="hpd-read")
+        futures = {key: self._io.submit(self._read, name, rows, what) for key, (name, rows) in reads.items()}
+        return {key: f.result() for key, f in futures.items()}
 
     def order(self, epoch: int = 0) -> np.ndarray:
         """The sequence indices this rank yields in ``epoch``, in order.
@@ -414,15 +417,16 @@ class CacheReader:
             plan.append(pending)
         return plan
 
-    def batches(self, batch_tokens: int, epoch: int = 0) -> Iterator[Batch]:
-        """Padded batches of at most ``batch_tokens`` (longest x count) tokens."""
+    def batches(self, batch_tokens: int, epoch: int = 0, compact: bool = True) -> Iterator[Batch]:
+        """Padded batches of at most ``batch_tokens`` (longest x count) tokens:
+        compact (:func:`assemble`) or, ``compact=False``, dense (:func:`collate`)."""
         plan = iter(self.batch_plan(batch_tokens, epoch))
         wanted = next(plan, None)
-        pending: list[CachedSequence] = []
-        for seq in self.sequences(epoch):
+        pending: list[Any] = []
+        for seq in self.sequences(epoch, form="compact" if compact else "dense"):
             pending.append(seq)
             if wanted is not None and len(pending) == len(wanted):
-                yield collate(pending, self.k)
+                yield assemble(pending, self.k) if compact else collate(pending, self.k)
                 pending, wanted = [], next(plan, None)
 
 

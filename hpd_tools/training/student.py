@@ -99,28 +99,14 @@ def to_targets(batch: Batch, device: torch.device) -> tuple[dict[str, Any], Targ
     attention mask; a packed one position ids restarting at each sequence and no
     mask, from which transformers builds the block-diagonal causal mask (each
     sequence attends to itself only).
+
+    The training stream's batches carry only their trained rows, in the cache's
+    dtypes, and are decoded on ``device`` (hpd_tools.stream.batch_targets);
+    other batches (rollouts, evaluation) go through the dense path.
     """
-    ids = torch.from_numpy(batch.input_ids).to(device)
-    inputs: dict[str, Any] = {"input_ids": ids, "use_cache": False}
-    if batch.position_ids is not None:
-        inputs["position_ids"] = torch.from_numpy(batch.position_ids).to(device)
-    else:
-        attn = torch.zeros_like(ids)
-        for i, n in enumerate(batch.lengths):
-            attn[i, :n] = 1
-        inputs["attention_mask"] = attn
-    mask = torch.from_numpy(batch.loss_mask).to(device)
-    labels = torch.zeros_like(ids)
-    labels[:, :-1] = ids[:, 1:]
-    targets = Targets(
-        labels=labels[mask],
-        mask=torch.ones(int(mask.sum()), dtype=torch.bool, device=device),
-        label_logprob=torch.from_numpy(batch.label_logprob).to(device)[mask],
-        topk_ids=torch.from_numpy(batch.topk_ids).to(device)[mask],
-        topk_logprobs=torch.from_numpy(batch.topk_logprobs).to(device)[mask],
-        noise=torch.zeros(int(mask.sum()), device=device),
-    )
-    return inputs, targets
+    from ..stream import batch_targets
+
+    return batch_targets(batch, device)
 
 
 @torch.no_grad()
