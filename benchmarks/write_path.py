@@ -25,11 +25,17 @@ of ids per response token.
 Rows, all in the same run, each the best of ``--repeats``:
 
 - ``format 2, serial``: the previous format's codecs (LZMA ids and codes)
-  written by the serial path (``write_threads=0``: every unit coded, compressed
-  and written in the scoring thread before the teacher gets more work). Present
-  when this version writes a later format.
+  written by the serial path (``write_threads=0, units_in_flight=1``: every
+  unit scored, coded, compressed and written in the scoring thread before the
+  teacher gets more work). Present when this version writes a later format.
 - ``format N, write_threads=T``: this version's format; T=0 is the serial path,
-  T>=1 the pipelined one (T write threads beside the scoring thread).
+  T>=1 the pipelined one (T write threads beside the scoring thread, windows of
+  ``--units-in-flight`` / 2 units per teacher call).
+
+Two figures per row: the write path alone (the time in ``_fill``: claims,
+replayed scores split into units, code, compression, writes, fsync, markers)
+and build_cache end to end (adding reading and tokenising the data, loading the
+tokenizer, hashing, creating the cache and marking it complete).
 
 Caches written with different thread counts are checked to be identical
 (every array equal).
@@ -224,7 +230,9 @@ def main() -> None:
         for n, (fmt, t) in enumerate(plan):
             best, best_fill, result = float("inf"), float("inf"), None
             for r in range(args.repeats):
-                seconds, fill_seconds, result = run_once({**base, "write_threads": t}, replay, tmp / f"c{n}-{r}", fmt)
+                replay.calls = 0
+                settings = {"write_threads": t, "units_in_flight": args.units_in_flight if t else 1}
+                seconds, fill_seconds, result = run_once({**base, **settings}, replay, tmp / f"c{n}-{r}", fmt)
                 best, best_fill = min(best, seconds), min(best_fill, fill_seconds)
             same = None
             if fmt == FORMAT_VERSION:
@@ -244,6 +252,7 @@ def main() -> None:
                 "write_path_tokens_per_second": round(result.tokens / best_fill),
                 "bytes_per_response_token": round(result.bytes_on_disk / max(result.response_tokens, 1), 1),
                 "identical_to_serial": same,
+                "teacher_calls": replay.calls,
                 "units": result.units_total,
             })
             print(f"format {fmt}, write_threads={t}: {rows[-1]['tokens_per_second']:,} tokens/s end to end, "
@@ -251,11 +260,11 @@ def main() -> None:
     baseline = rows[0]["write_path_tokens_per_second"]
     print(f"\n{rows[0]['tokens']:,} tokens ({args.copies} copies of {args.data}), {rows[0]['units']} units of {args.chunk_tokens}, k={args.k}, "
           f"units_in_flight={args.units_in_flight}, {os.cpu_count()} CPUs, best of {args.repeats}\n")
-    print("| format | path | write path tokens/s | x first row | end to end tokens/s | B / response token | same arrays as serial |")
-    print("|---|---|---|---|---|---|---|")
+    print("| format | path | teacher calls | write path tokens/s | x first row | end to end tokens/s | B / response token | same arrays as serial |")
+    print("|---|---|---|---|---|---|---|---|")
     for row in rows:
         same = "" if row["identical_to_serial"] is None else ("yes" if row["identical_to_serial"] else "NO")
-        print(f"| {row['format']} | {row['path']} | {row['write_path_tokens_per_second']:,} | {row['write_path_tokens_per_second'] / baseline:.2f} | "
+        print(f"| {row['format']} | {row['path']} | {row['teacher_calls']} | {row['write_path_tokens_per_second']:,} | {row['write_path_tokens_per_second'] / baseline:.2f} | "
               f"{row['tokens_per_second']:,} | {row['bytes_per_response_token']} | {same} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"machine_cpus": os.cpu_count(), "copies": args.copies, "k": args.k, "rows": rows}, indent=1))

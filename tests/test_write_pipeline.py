@@ -22,6 +22,7 @@ import pytest
 
 from conftest import train_records, write_jsonl
 from hpd_tools import CacheConfig, build_cache, verify_cache
+from hpd_tools.cache import codec
 from hpd_tools.cache.layout import CacheStore
 from hpd_tools.engines.base import Scored, TeacherEngine
 from hpd_tools.engines.hf import HFTeacher
@@ -29,7 +30,7 @@ from hpd_tools.errors import CacheError
 from test_cache import arrays, assert_same_content
 
 HERE = Path(__file__).resolve().parent
-CHUNK = 128  # small units: many sequences cross a boundary, some span three units
+CHUNK = 64  # small units: many sequences cross a boundary, some span three units
 
 
 class ReplayTeacher(TeacherEngine):
@@ -87,7 +88,7 @@ def cfg(teacher: Path, data: Path, out: Path, **kw) -> CacheConfig:
 def setup(teacher, tmp_path_factory):
     """Data, the tiny teacher's rows for it (recorded once) and the serial path's cache."""
     root = tmp_path_factory.mktemp("pipeline")
-    data = write_jsonl(root / "d.jsonl", train_records(60))
+    data = write_jsonl(root / "d.jsonl", train_records(30))
     from hpd_tools.cache.writer import _load_tokenizer, make_plan
     from hpd_tools.data import read_examples
 
@@ -139,12 +140,17 @@ def test_sequence_across_three_units_is_scored_once(teacher, setup, tmp_path):
     long = next(s for s, (first, last) in enumerate(units) if last - first >= 2)
     o0, o1 = int(layout.offsets[long]), int(layout.offsets[long + 1])
     assert layout.tokens[o0:o1].tobytes() in asked  # the whole sequence, in one request
+    # A crossing sequence is scored alone by this engine (writer.py: calls), so its rows
+    # are exactly those of scoring it by itself, split over its three units.
     alone = HFTeacher(str(teacher), dtype="float32").score([layout.tokens[o0:o1]], 16)[0]
     got = arrays(out)
-    np.testing.assert_allclose(got["label_logprob"][o0 : o1 - 1].astype(np.float32), alone.label_logprob, atol=2e-3, rtol=2e-3)
+    np.testing.assert_array_equal(got["label_logprob"][o0 : o1 - 1], alone.label_logprob.astype(np.float16))
     mask = layout.loss_mask[o0 : o1 - 1]
     assert mask.any()
+    head, codes = codec.encode_logprobs(alone.topk_logprobs[mask])
     np.testing.assert_array_equal(got["topk_ids"][o0 : o1 - 1][mask], alone.topk_ids[mask])
+    np.testing.assert_array_equal(got["topk_head"][o0 : o1 - 1][mask], head)
+    np.testing.assert_array_equal(got["topk_logprobs"][o0 : o1 - 1][mask], codes)
     assert_same_content(got, arrays(setup["serial"].location), exact=False)
     assert verify_cache(out).complete
 

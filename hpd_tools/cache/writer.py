@@ -14,31 +14,45 @@ Order of work, each step cheap before the expensive one:
 5. the writer that finds every unit done marks the cache complete.
 
 Pipelining. The calling thread claims units, fills them from donors and has the
-teacher score them; ``write_threads`` threads code the finished units (the
-companded log-prob code and its distortion statistics), compress and write
-their chunks, fsync them and put the markers, while the teacher scores the
-next ones. The teacher gets one call per window of ``units_in_flight // 2``
-units (the ready sequences of all of them; 131k tokens at the defaults, 16
-units of 16,384), not a few thousand tokens at a time: vLLM schedules best
-holding many requests, and the transformers engine cuts a call into
-``--batch-tokens`` batches itself. The work beside the teacher releases the
-GIL where it is heavy (Zstd, LZMA and Blosc in zarr's codec threads, file
+teacher score them; ``write_threads`` threads (default 2) code the finished
+units (the companded log-prob code and its distortion statistics), compress
+and write their chunks, fsync them and put the markers, while the teacher
+scores the next ones. Units are opened in windows of ``units_in_flight // 2``
+(8 at the defaults, 131k tokens of 16,384-position units), so one window is
+scored while the one before is written. The work beside the teacher releases
+the GIL where it is heavy (Zstd, LZMA and Blosc in zarr's codec threads, file
 writes and fsync, numpy's loops in the code); benchmarks/write_path.py
 measures the gain.
 
 Memory is bounded: at most ``units_in_flight`` units (default 16) are held
 from claim to marker, each ~7.5 MB at 16,384 positions and k=64 with uint16
 ids (~9.5 MB with int32 ids: float32 exact log-probs plus the stored arrays),
-plus the window's teacher output while it is split into units. The only
+plus one window's teacher output while it is split into units. The one
 excess is a unit opened past the cap for a sequence that runs into it (at
-most ``max_length / chunk_tokens + 1`` units). ``write_threads=0`` does
-everything in the calling thread, one unit at a time (the serial path, the
-benchmark's baseline).
+most ``max_length / chunk_tokens + 1`` units). ``write_threads=0`` with
+``units_in_flight=1`` is the serial path (every unit scored, coded and written
+in the calling thread before the teacher gets more work): the benchmark's
+baseline.
 
-Each sequence is scored once: a sequence that crosses unit boundaries waits
-until every unit of this writer it touches is open, is scored once up to its
-last needed position, and its rows are split into those units' buffers. (A
-unit taken over later from a stopped writer is scored on its own.)
+Each sequence is scored once, whole: a sequence that crosses unit boundaries
+waits until every unit of this writer it touches is open (the unit before
+stays open into the next window), is scored once, and its rows are split into
+those units' buffers. A writer of one shard scores a crossing sequence whole
+even where its tail lies in another shard's unit, and a unit taken over later
+from a stopped writer is scored on its own.
+
+Teacher calls. vLLM (and the server engine) get one call per window, all its
+ready sequences: vLLM schedules best holding many requests. The transformers
+engine's scores change in the last bits with the sequences sharing a call
+(~2e-6 here: batch shapes pick different kernels), so it gets calls whose
+make-up follows from the plan alone: one per unit for the sequences inside it
+(cut into ``--batch-tokens`` batches by the engine) and one per sequence that
+crosses a unit boundary. A resumed, sharded or shared run then writes the bytes
+an uninterrupted one writes, as per-unit calls did. With vLLM the price of
+large calls is that a resumed or sharded run's rows can differ from an
+uninterrupted run's in the last bits (a window holds other sequences), which
+after float16 storage moves a value by one step at a few positions in 10^5
+(what 2e-6 differences did to the transformers engine's rows here).
 
 Failures: the first error of a write thread (a full disk, a codec error) is
 raised in the calling thread as the same exception the serial path raises;
