@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,7 @@ class Batch:
         return int(self.lengths.sum())
 
 
+MAX_KEPT_TAILS = 64  # unit tails kept for a later read (hpd_tools.cache.reader.CacheReader.sequences)
 _ALIGN = 16  # every segment of a payload starts on a 16-byte boundary, so the device can view it as any dtype
 
 
@@ -147,6 +149,29 @@ class Payload:
             out = np.zeros((b, t, self.k), dtype=np.float32)
             out[loss_mask] = codec.decode_logprobs(self.array("topk_head"), self.array("topk_codes"))
         return out
+
+
+@dataclass
+class _Rows:
+    """Consecutive rows of the token axis: tokens and loss_mask of each, the
+    teacher arrays of the trained ones (in row order)."""
+
+    tokens: np.ndarray
+    loss_mask: np.ndarray
+    label_logprob: np.ndarray
+    topk_head: np.ndarray
+    topk_ids: np.ndarray
+    topk_codes: np.ndarray
+
+    def split(self, n: int) -> tuple[_Rows, _Rows]:
+        """The first ``n`` rows and the rest."""
+        m = int(self.loss_mask[:n].sum()) if len(self.topk_ids) else 0
+        teach = (self.label_logprob, self.topk_head, self.topk_ids, self.topk_codes)
+        return (_Rows(self.tokens[:n].copy(), self.loss_mask[:n].copy(), *(x[:m].copy() for x in teach)),
+                _Rows(self.tokens[n:], self.loss_mask[n:], *(x[m:] for x in teach)))
+
+    def join(self, other: _Rows) -> _Rows:
+        return _Rows(*(np.concatenate([getattr(self, f.name), getattr(other, f.name)]) for f in dataclasses.fields(self)))
 
 
 @dataclass
@@ -226,7 +251,6 @@ class CacheReader:
                 raise CacheCorruptError(f"{path}: marked complete but only {done}/{self.store.n_units} units have markers; the cache is damaged: delete it and rerun `hpd-tools cache`")
         self.k = self.store.k
         self._example_ids = self.store.array("example_id")
-        self._io: concurrent.futures.ThreadPoolExecutor | None = None
         # Fewer units than ranks: ranks share units, each taking its share of the sequences.
         self.by_sequence = world_size > self.store.n_units
 
@@ -280,36 +304,46 @@ class CacheReader:
             )
         return out
 
-    def read_unit_rows(self, unit: int, teacher: bool = True) -> _UnitRows:
+    def read_unit_rows(self, unit: int, teacher: bool = True, spill: _Rows | None = None, keep_head: bool = False) -> tuple[_UnitRows, _Rows | None]:
         """The sequences that start in ``unit`` in their stored dtypes, teacher
-        arrays (``teacher``; else left empty) at the trained rows only."""
+        arrays (``teacher``; else left empty) at the trained rows only.
+
+        The unit's last sequence usually ends in the next chunk, and reading its
+        tail decodes that whole chunk again. So the rows can come from the other
+        side: ``spill``, the tail as kept by the next unit's read; and with
+        ``keep_head``, this read also returns the rows before its first sequence
+        (the previous unit's tail: same chunk, no extra decoding), or None when
+        they are not one whole tail."""
         start, end = self.store.unit_range(unit)
         first = int(np.searchsorted(self.offsets, start, side="left"))
         last = int(np.searchsorted(self.offsets, end, side="left"))
         lo, hi = (int(self.offsets[first]), int(self.offsets[last])) if first < last else (0, 0)
-        names = ("tokens", "loss_mask") + (("label_logprob", "topk_head", "topk_ids", "topk_logprobs") if teacher else ())
-        reads = {name: (name, slice(lo, hi)) for name in names}
-        reads["example_id"] = ("example_id", slice(first, last))  # unused by training, read so that damage to it is found as the dense path finds it
-        a = self._read_many(reads, f"unit {unit}")
+        ids = self._read("example_id", slice(first, last), f"unit {unit}")  # unused by training; read so that damage to it is found as the dense path finds it
+        # The previous unit's tail is a whole tail when its sequence starts in the previous chunk.
+        head = keep_head and first < last and first > 0 and lo > start and int(self.offsets[first - 1]) >= start - self.store.chunk_tokens
+        rows = self._rows(start if head else lo, min(hi, end) if first < last else lo, teacher, f"unit {unit}")
+        kept = None
+        if head:
+            kept, rows = rows.split(lo - start)
+        if hi > end:
+            rows = rows.join(spill if spill is not None else self._rows(end, hi, teacher, f"unit {unit}"))
         starts = (self.offsets[first : last + 1] - lo).astype(np.int64)
-        if teacher:
-            rows = np.flatnonzero(a["loss_mask"])
-            trained = np.searchsorted(rows, starts).astype(np.int64)
-            teach = {name: a[name][rows] for name in names[2:]}
-        else:
-            trained = np.zeros(len(starts), dtype=np.int64)
-            teach = {"label_logprob": np.zeros(0, np.float32), "topk_head": np.zeros(0, np.float16),
-                     "topk_ids": np.zeros((0, self.k), np.int32), "topk_logprobs": np.zeros((0, self.k), np.uint8)}
-        return _UnitRows(first, starts, trained, a["tokens"], a["loss_mask"], teach["label_logprob"], teach["topk_head"], teach["topk_ids"], teach["topk_logprobs"], a["example_id"])
+        trained = np.searchsorted(np.flatnonzero(rows.loss_mask), starts).astype(np.int64) if teacher else np.zeros(len(starts), dtype=np.int64)
+        unit_rows = _UnitRows(first, starts, trained, rows.tokens, rows.loss_mask, rows.label_logprob, rows.topk_head, rows.topk_ids, rows.topk_codes, ids)
+        return unit_rows, kept
+
+    def _rows(self, lo: int, hi: int, teacher: bool, what: str) -> _Rows:
+        names = ("tokens", "loss_mask") + (("label_logprob", "topk_head", "topk_ids", "topk_logprobs") if teacher else ())
+        a = self._read_many({name: (name, slice(lo, hi)) for name in names}, what)
+        if not teacher:
+            return _Rows(a["tokens"], a["loss_mask"], np.zeros(0, np.float32), np.zeros(0, np.float16), np.zeros((0, self.k), np.int32), np.zeros((0, self.k), np.uint8))
+        trained = np.flatnonzero(a["loss_mask"])
+        return _Rows(a["tokens"], a["loss_mask"], *(a[name][trained] for name in names[2:]))
 
     def _read_many(self, reads: dict[str, tuple[str, slice]], what: str) -> dict[str, np.ndarray]:
-        """Several arrays' rows, read concurrently: each read waits on zarr's event
-        loop, whose decoders run in threads and release the GIL, so the arrays'
-        chunks decode side by side instead of one array after another."""
-        if self._io is None:
-            self._io = concurrent.futures.ThreadPoolExecutor(7, thread_name_prefix="hpd-read")
-        futures = {key: self._io.submit(self._read, name, rows, what) for key, (name, rows) in reads.items()}
-        return {key: f.result() for key, f in futures.items()}
+        # One after another: issuing them from threads at once was measured no faster
+        # here (zarr already decodes a read's chunks concurrently; 2 busy cores).
+        return {key: self._read(name, rows, what) for key, (name, rows) in reads.items()}
 
     def order(self, epoch: int = 0) -> np.ndarray:
         """The sequence indices this rank yields in ``epoch``, in order.
@@ -356,8 +390,18 @@ class CacheReader:
             def read(u: int) -> Any:
                 return {seq.index: seq for seq in self.read_unit(u)}.__getitem__
         elif form in ("compact", "tokens"):
+            # A unit read before the one in front of it keeps that unit's tail (the rows
+            # before its own first sequence) so the chunk is not decoded twice. Only
+            # without read-ahead threads; at most MAX_KEPT_TAILS tails (each at most one
+            # sequence) wait at a time.
+            tails: dict[int, _Rows] = {}
+
             def read(u: int) -> Any:
-                return self.read_unit_rows(u, teacher=form == "compact").sequence
+                keep = pool is None and len(tails) < MAX_KEPT_TAILS and position.get(u - 1, -1) > position[u]
+                rows, kept = self.read_unit_rows(u, teacher=form == "compact", spill=tails.pop(u, None), keep_head=keep)
+                if kept is not None:
+                    tails[u - 1] = kept
+                return rows.sequence
         else:
             raise ValueError(f"form {form!r}")
         order = self.order(epoch)[start:].tolist()
@@ -397,7 +441,7 @@ class CacheReader:
         the ``form`` of :meth:`sequences`."""
         if form == "dense":
             return next(seq for seq in self.read_unit(self.unit_of(index)) if seq.index == index)
-        return self.read_unit_rows(self.unit_of(index), teacher=form == "compact").sequence(index)
+        return self.read_unit_rows(self.unit_of(index), teacher=form == "compact")[0].sequence(index)
 
     def batch_plan(self, batch_tokens: int, epoch: int = 0) -> list[list[int]]:
         """The sequence indices of each batch :meth:`batches` yields, from the
