@@ -183,3 +183,29 @@ def test_on_cuda_from_pinned_memory(caches):
         assert b.is_cuda and torch.equal(a, b.cpu()), f.name
     for key in ("input_ids", "attention_mask"):
         assert torch.equal(ia[key], ib[key].cpu())
+
+
+def test_a_units_tail_is_read_once(caches):
+    """A unit whose last sequence spills into the next chunk gets that tail from the
+    next unit's read when the next unit comes first: fewer reads of spilled rows,
+    the same rows."""
+    reader = CacheReader(caches["a"], seed=0)
+    spans: list[tuple[int, int]] = []
+    rows = reader._rows
+    reader._rows = lambda lo, hi, teacher, what: (spans.append((lo, hi)), rows(lo, hi, teacher, what))[1]  # count, then read
+    compact = list(reader.sequences(0, form="compact"))
+    dense = list(CacheReader(caches["a"], seed=0).sequences(0))
+    # Each spilling unit's tail: rows from the next chunk's start to its last sequence's end.
+    offsets = reader.offsets
+    tails = set()
+    for u in range(reader.store.n_units):
+        start, end = reader.store.unit_range(u)
+        first, last = np.searchsorted(offsets, [start, end])
+        if first < last and offsets[last] > end:
+            tails.add((end, int(offsets[last])))
+    read_alone = [span for span in spans if span in tails]
+    assert len(tails) >= 3 and len(read_alone) < len(tails)
+    for c, d in zip(compact, dense):
+        assert c.index == d.index
+        np.testing.assert_array_equal(c.tokens, d.tokens)
+        np.testing.assert_array_equal(c.unit.topk_ids[c.a : c.b], d.topk_ids[d.loss_mask])
