@@ -2,7 +2,7 @@
 
     HPD_CACHE_HOME=... python benchmarks/stream_throughput.py [--cache DIR] [--teacher smollm2-135m-instruct]
         [--data data/instructions/train.jsonl] [--chunk-tokens 16384] [--batch-tokens 4096] [--epochs 10]
-        [--no-s3] [--json out.json]
+        [--no-s3] [--reuse] [--json out.json]
 
 The first table reads the local cache through the training stream
 (``StepStream`` + ``Prefetcher``, one data slot) both ways: "dense", every
@@ -147,16 +147,23 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=4096)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--no-s3", action="store_true", help="only the dense/compact table")
+    parser.add_argument("--reuse", action="store_true", help="read a complete cache already at --cache as it is (its format, its units) instead of building it")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
     from hpd_tools import CacheConfig, build_cache, cache_info
     from hpd_tools.models import resolve_teacher
 
-    cache = build_cache(CacheConfig(teacher=resolve_teacher(args.teacher), data=args.data, engine="hf", top_k=64, out=args.cache, chunk_tokens=args.chunk_tokens, reuse=False))
-    info = cache_info(cache.location)
-    codecs = {name: str(cache_codec(cache.location, name)) for name in ("topk_ids", "topk_logprobs")}
-    paths = path_table(cache.location, args.batch_tokens, args.epochs)
+    from hpd_tools.cache.layout import CacheStore, is_cache
+
+    if args.reuse and is_cache(args.cache) and CacheStore(args.cache).complete:
+        location = args.cache
+    else:
+        location = build_cache(CacheConfig(teacher=resolve_teacher(args.teacher), data=args.data, engine="hf", top_k=64, out=args.cache,
+                                           chunk_tokens=args.chunk_tokens, reuse=False)).location
+    info = cache_info(location)
+    codecs = {name: str(cache_codec(location, name)) for name in ("topk_ids", "topk_logprobs")}
+    paths = path_table(location, args.batch_tokens, args.epochs)
     print(f"\ncache: {info['sequences']} sequences, {info['tokens']:,} tokens ({info['response_tokens']:,} response), k {info['k']}, "
           f"{info['units_total']} units of {args.chunk_tokens} tokens, {info['bytes_on_disk'] / 1e6:.1f} MB, ids {codecs['topk_ids']}, codes {codecs['topk_logprobs']}; "
           f"{args.epochs} epochs, {args.batch_tokens}-token batches, one data slot, best of 2\n")
@@ -178,13 +185,13 @@ def main() -> None:
         fs = s3fs.S3FileSystem()
         fs.mkdir("bench")
         t0 = time.perf_counter()
-        fs.put(cache.location.rstrip("/") + "/", "bench/cache", recursive=True)
+        fs.put(location.rstrip("/") + "/", "bench/cache", recursive=True)
         upload = time.perf_counter() - t0
         remote = "s3://bench/cache"
         rows = []
-        for name, location in (("local disk", cache.location), ("S3 (moto, 127.0.0.1)", remote), ("local disk (again)", cache.location), ("S3 (again)", remote)):
+        for name, where in (("local disk", location), ("S3 (moto, 127.0.0.1)", remote), ("local disk (again)", location), ("S3 (again)", remote)):
             server_cpu = cpu_seconds(server.pid)
-            r = read_all(location, args.batch_tokens, args.epochs)
+            r = read_all(where, args.batch_tokens, args.epochs)
             r["server_cpu_share"] = (cpu_seconds(server.pid) - server_cpu) / r["seconds"]
             rows.append({"row": name, **r})
             print(f"{name}: {r['tokens_per_s']:,.0f} tok/s", file=sys.stderr, flush=True)
