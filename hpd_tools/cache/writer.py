@@ -110,8 +110,9 @@ class CacheConfig:
     seed: int = 0
     engine_args: dict[str, Any] = field(default_factory=dict)
     # Threads that code, compress and write finished units while the teacher scores
-    # (0: in the scoring thread, one unit at a time, the serial path), and the units
-    # held in memory at once, from claim to marker (module docstring: "Pipelining").
+    # (0: in the scoring thread), and the units held in memory at once, from claim to
+    # marker, half of them per teacher window (module docstring: "Pipelining").
+    # write_threads=0, units_in_flight=1 is the serial path.
     write_threads: int = 2
     units_in_flight: int = 16
 
@@ -518,7 +519,7 @@ class _UnitWriter:
         for name in TEACHER_ARRAYS:
             store.array(name)  # opened here, before the threads share the store
         self.cap = config.units_in_flight
-        self.window = max(1, self.cap // 2) if config.write_threads else 1
+        self.window = max(1, self.cap // 2)  # units per teacher window: one scored while the one before is written
         self.pool = ThreadPoolExecutor(config.write_threads, thread_name_prefix="hpd-cache-write") if config.write_threads else None
         self.open: dict[int, _Unit] = {}  # claimed, rows still arriving
         self.waiting: dict[int, _Waiting] = {}  # sequence -> its parts in open units
