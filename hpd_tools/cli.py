@@ -140,10 +140,14 @@ def _explicit(ctx: click.Context) -> dict[str, Any]:
 
 @main.command()
 @click.option("--config", "config_path", default=None, help="YAML recipe with CacheConfig fields; options given here override it.")
-@click.option("--teacher", default=DEFAULT_TEACHER, show_default=True, help="Teacher model folder, or the packaged teacher's name.")
-@click.option("--data", default=DEFAULT_DATA, show_default=True, help="JSONL, JSON, Parquet or a saved `datasets` folder.")
+@click.option("--teacher", default=DEFAULT_TEACHER, show_default=True, help="Teacher: a model folder, a Hugging Face Hub id (org/name), or the packaged teacher's name.")
+@click.option("--revision", default=None, help="The Hub teacher's branch, tag or commit (default: its default branch); the cache key holds the commit.")
+@click.option("--data", default=DEFAULT_DATA, show_default=True, help="JSONL, JSON, Parquet, a dataset folder (data files or save_to_disk) or a Hub dataset id.")
+@click.option("--data-split", default=None, help="Split of a dataset folder or Hub dataset (default: train).")
+@click.option("--data-config", default=None, help="Configuration of a dataset folder or Hub dataset (datasets' name=).")
+@click.option("--max-records", default=0, show_default=True, help="Read only the first N records (0: all).")
 @click.option("--top-k", default=64, show_default=True, help="Teacher top-k entries stored per response token.")
-@click.option("--max-length", default=2048, show_default=True, help="Records longer than this many tokens are truncated.")
+@click.option("--max-length", default=None, type=int, help="Records longer than this many tokens are truncated (default: 2048, or less to fit the teacher's context).")
 @click.option("--engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True, help="vllm (fast) or hf (transformers, the reference).")
 @click.option("--out", default=None, help="Cache location: a folder or an fsspec URL (s3://bucket/prefix). Default: the cache root ($HPD_CACHE_HOME, a folder or URL), named by the cache key.")
 @click.option("--shard", default="0/1", show_default=True, callback=_parse_shard, help="I/N: this writer fills units u with u mod N == I; N writers fill one cache.")
@@ -155,6 +159,7 @@ def _explicit(ctx: click.Context) -> dict[str, Any]:
 @click.option("--messages-field", default="messages", show_default=True)
 @click.option("--prompt-field", default="prompt", show_default=True)
 @click.option("--response-field", default="response", show_default=True)
+@click.option("--conversations-field", default="conversations", show_default=True, help="ShareGPT turns ({from, value}); roles: hpd_tools.data.SHAREGPT_ROLES.")
 @click.option("--vllm-arg", multiple=True, help="KEY=VALUE passed to vllm.LLM (e.g. tensor_parallel_size=8). Repeatable.")
 @click.option("--seed", default=0, show_default=True, help="Engine seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout instead of the location.")
@@ -176,7 +181,7 @@ def cache(ctx: click.Context, config_path: str | None, as_json: bool, **_: Any) 
         given = _explicit(ctx)
         given.pop("config_path", None)
         given.pop("as_json", None)
-        fields = {k.removesuffix("_field"): given.pop(k) for k in ("messages_field", "prompt_field", "response_field") if k in given}
+        fields = {k.removesuffix("_field"): given.pop(k) for k in ("messages_field", "prompt_field", "response_field", "conversations_field") if k in given}
         if fields:
             values["fields"] = {**values.get("fields", {}), **fields}
         if "no_reuse" in given:
@@ -193,13 +198,20 @@ def cache(ctx: click.Context, config_path: str | None, as_json: bool, **_: Any) 
         if gpus_per_worker is not None and gpus_per_worker < 1:
             raise HPDError(f"--gpus-per-worker {gpus_per_worker}: must be at least 1")
         config.validate()  # before the teacher is imported, the data read or writers started
-        config.teacher = resolve_teacher(config.teacher)  # once, before writers start (it may import the packaged teacher)
+        # Once, before writers start: it may import the packaged teacher or download a Hub id
+        # (to its snapshot folder, which carries the commit into the key).
+        config.teacher = resolve_teacher(config.teacher, config.revision)
         if workers > 1:
             config.validate()  # again, now that the teacher's folder (its vocabulary) is known
             from .cache import cache_info
             from .launch import launch_writers
 
             argv = sys.argv[sys.argv.index("cache") + 1 :]
+            from .hub import hub_origin
+
+            origin = hub_origin(config.teacher)
+            if origin is not None:  # every writer on the commit resolved here, even if the branch moves meanwhile
+                argv += ["--revision", origin[1]]
             tp = int(config.engine_args.get("tensor_parallel_size", 1) or 1)
             location = launch_writers(argv, workers, config.shard, gpus_per_worker or tp)
             info = cache_info(location)
@@ -218,7 +230,7 @@ def cache(ctx: click.Context, config_path: str | None, as_json: bool, **_: Any) 
 @click.option("--config", "config_path", default=None, help="YAML recipe with DistillConfig fields; options given here override it.")
 @click.option("--cache", "caches", multiple=True, help="Teacher cache to train on. Repeat to mix several.")
 @click.option("--cache-weight", "cache_weights", multiple=True, type=float, help="Sampling weight of each --cache, in order.")
-@click.option("--student", default=None, help="Student model folder (any transformers causal LM).")
+@click.option("--student", default=None, help="Student: a model folder or a Hugging Face Hub id (any transformers causal LM).")
 @click.option("--out", default=None, help="Run folder: metrics.jsonl, checkpoints, final/. New, empty, or an earlier run (with --resume).")
 @click.option("--loss", type=click.Choice(["hpd", "sft", "fkl", "rkl", "jsd", "akl"]), default="hpd", show_default=True)
 @click.option("--loss-option", multiple=True, help="KEY=VALUE passed to the loss (e.g. tail=renormalize, beta=0.5). Repeatable.")
@@ -243,7 +255,7 @@ def cache(ctx: click.Context, config_path: str | None, as_json: bool, **_: Any) 
 @click.option("--log-every", default=1, show_default=True, help="Steps between metrics rows.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--resume", is_flag=True, default=False, help="Continue from the latest checkpoint in --out (with the options it was trained with).")
-@click.option("--online-teacher", default=None, help="On-policy scorer: a model folder (in-process) or the URL of a running vLLM server.")
+@click.option("--online-teacher", default=None, help="On-policy scorer: a model folder or Hub id (in-process), or the URL of a running vLLM server.")
 @click.option("--online-engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True, help="Engine for a folder --online-teacher.")
 @click.option("--sample-every", default=0, show_default=True, help="Steps between on-policy rounds (0: none).")
 @click.option("--sample-prompts", default=8, show_default=True, help="Prompts per round.")
@@ -363,8 +375,11 @@ def import_gguf_cmd(gguf: str | None, out: str | None) -> None:
 
 
 @main.command()
-@click.option("--teacher", default=DEFAULT_TEACHER, show_default=True, help="Teacher model folder, or the packaged teacher's name.")
-@click.option("--data", "data_path", required=True, help="Prompts: {\"prompt\"} or chat records (a trailing assistant turn is regenerated).")
+@click.option("--teacher", default=DEFAULT_TEACHER, show_default=True, help="Teacher: a model folder, a Hugging Face Hub id (org/name), or the packaged teacher's name.")
+@click.option("--revision", default=None, help="The Hub teacher's branch, tag or commit (default: its default branch).")
+@click.option("--data", "data_path", required=True, help="Prompts: {\"prompt\"}, chat or ShareGPT records (a trailing assistant turn is regenerated); a file, dataset folder or Hub dataset id.")
+@click.option("--data-split", default=None, help="Split of a dataset folder or Hub dataset (default: train).")
+@click.option("--data-config", default=None, help="Configuration of a dataset folder or Hub dataset.")
 @click.option("--out", required=True, help="JSONL of chat records with the teacher's responses.")
 @click.option("--n", default=1, show_default=True, help="Responses per prompt.")
 @click.option("--temperature", default=0.7, show_default=True)
@@ -372,14 +387,15 @@ def import_gguf_cmd(gguf: str | None, out: str | None) -> None:
 @click.option("--max-new-tokens", default=256, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True)
-def generate(teacher: str, data_path: str, out: str, n: int, temperature: float, top_p: float, max_new_tokens: int, seed: int, engine: str) -> None:
+def generate(teacher: str, revision: str | None, data_path: str, data_split: str | None, data_config: str | None, out: str, n: int, temperature: float,
+             top_p: float, max_new_tokens: int, seed: int, engine: str) -> None:
     """Sample responses from the teacher for prompt-only records (the off-policy data)."""
     from .generate import GenerateConfig, generate_responses
     from .models import resolve_teacher
 
     def go() -> None:
-        summary = generate_responses(GenerateConfig(teacher=resolve_teacher(teacher), data=data_path, out=out, n=n, temperature=temperature,
-                                                    top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, engine=engine))
+        summary = generate_responses(GenerateConfig(teacher=resolve_teacher(teacher, revision), data=data_path, data_split=data_split, data_config=data_config,
+                                                    out=out, n=n, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed, engine=engine))
         click.echo(json.dumps(summary), err=True)
         click.echo(summary["out"])
 
@@ -387,21 +403,24 @@ def generate(teacher: str, data_path: str, out: str, n: int, temperature: float,
 
 
 @main.command()
-@click.option("--teacher", default=DEFAULT_TEACHER, show_default=True, help="Teacher model folder, or the packaged teacher's name.")
+@click.option("--teacher", default=DEFAULT_TEACHER, show_default=True, help="Teacher: a model folder, a Hugging Face Hub id (org/name), or the packaged teacher's name.")
+@click.option("--revision", default=None, help="The Hub teacher's branch, tag or commit (default: its default branch).")
 @click.option("--keep", required=True, help="Decoder layers to keep, e.g. 0,6,12,18,24,29 or 0-3,29.")
 @click.option("--out", required=True, help="Student folder to write.")
-def prune(teacher: str, keep: str, out: str) -> None:
+def prune(teacher: str, revision: str | None, keep: str, out: str) -> None:
     """Make a student by depth pruning: keep some of the teacher's layers, its embeddings and tokenizer."""
     from .models import parse_layers, prune_layers, resolve_teacher
 
-    _run(lambda: click.echo(str(prune_layers(resolve_teacher(teacher), out, parse_layers(keep)))))
+    _run(lambda: click.echo(str(prune_layers(resolve_teacher(teacher, revision), out, parse_layers(keep)))))
 
 
 @main.command()
 @click.option("--config", "config_path", default="recipes/smollm2-135m/pipeline.yaml", show_default=True, help="PipelineConfig YAML.")
 @click.option("--out", default=None, help="Run folder (overrides the recipe's).")
 @click.option("--max-steps", type=int, default=None, help="Distill steps (overrides the recipe's distill.max_steps).")
-def pipeline(config_path: str, out: str | None, max_steps: int | None) -> None:
+@click.option("--teacher", default=None, help="Teacher (overrides the recipe's): a model folder, a Hugging Face Hub id, or the packaged teacher's name.")
+@click.option("--revision", default=None, help="The Hub teacher's branch, tag or commit (overrides the recipe's).")
+def pipeline(config_path: str, out: str | None, max_steps: int | None, teacher: str | None, revision: str | None) -> None:
     """The whole recipe: import teacher, prune student, generate, cache, distill, evaluate."""
     from .config import build, load_yaml
     from .pipeline import PipelineConfig, run_pipeline
@@ -412,6 +431,9 @@ def pipeline(config_path: str, out: str | None, max_steps: int | None) -> None:
             values["out"] = out
         if max_steps is not None:
             values.setdefault("distill", {})["max_steps"] = max_steps
+        for name, value in (("teacher", teacher), ("revision", revision)):
+            if value is not None:
+                values[name] = value
         config = build(PipelineConfig, values, where=f"--config {config_path}")
         report = run_pipeline(config)
         click.echo((Path(config.out) / "report.md").read_text(), err=True)

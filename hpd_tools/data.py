@@ -1,8 +1,29 @@
 """Reading training records and turning them into token sequences with a loss mask.
 
-Records are either chat (a list of ``{"role", "content"}`` messages, where the
-assistant turns are the response) or ``prompt``/``response`` pairs. Files are
-JSONL, JSON, Parquet or a folder written by ``datasets.Dataset.save_to_disk``.
+Records are chat (a list of ``{"role", "content"}`` messages, where the
+assistant turns are the response), ShareGPT conversations, or
+``prompt``/``response`` pairs. A message's content is a string or OpenAI-style
+parts, ``[{"type": "text", "text": ...}, ...]``, whose texts are joined with
+nothing between them (as chat templates that take parts render them); a part of
+any other type (an image, audio) stops the run with one line naming the record
+and the type: a text teacher would be scored on a conversation it never saw.
+
+ShareGPT records (common in distillation datasets) hold ``conversations``
+(``Fields.conversations``), a list of ``{"from", "value"}`` turns; ``from`` maps
+to a role through ``SHAREGPT_ROLES``: ``system`` -> system, ``human`` and
+``user`` -> user, ``gpt``, ``chatgpt`` and ``assistant`` -> assistant, ``tool``
+-> tool. Any other ``from`` is a bad record. A record with ``messages`` is read
+as chat even when it also has ``conversations``.
+
+``--data`` is a file (JSONL, JSON, Parquet), a folder written by
+``datasets.Dataset.save_to_disk``, a dataset repository folder (data files as
+the Hub lays them out, e.g. ``data/train-*.parquet`` or ``train.jsonl``, read
+by ``datasets.load_dataset`` streaming, without an Arrow copy), or a Hub dataset
+id (``datasets.load_dataset``: its cache, ``HF_DATASETS_OFFLINE``). Folders and
+Hub datasets have splits: ``split`` (default ``train``) picks one, and
+``data_config`` a repository's configuration. ``max_records`` reads only the
+first records. The cache key covers what was read: it hashes the records kept,
+after normalisation (``example_id``).
 
 Text files are UTF-8 (a leading byte-order mark is dropped) or UTF-16/UTF-32,
 told by their BOM or, without one, by JSON's own rule on the zero bytes around
@@ -44,6 +65,12 @@ class Fields:
     messages: str = "messages"
     prompt: str = "prompt"
     response: str = "response"
+    conversations: str = "conversations"  # ShareGPT: [{"from", "value"}, ...]
+
+
+# ShareGPT's "from" values and the roles they are read as.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
+                  "assistant": "assistant", "tool": "tool"}
 
 
 @dataclass
@@ -64,6 +91,8 @@ class DataReport:
     """What reading the data did: rows read, kept, skipped (by reason), truncated."""
 
     path: str
+    source: str = ""  # what was read: a resolved path or a Hub dataset id
+    split: str | None = None  # the split of a folder or Hub dataset (None: a file)
     rows: int = 0
     kept: int = 0
     truncated: int = 0
@@ -90,6 +119,10 @@ class DataReport:
 
 class _BadRow(Exception):
     """A row-level problem; becomes a skip or, with strict, a DataError."""
+
+
+class _FatalRow(_BadRow):
+    """A row-level problem that stops the run even without strict (content of a kind no text teacher reads)."""
 
 
 # Byte signatures of files that are not JSON text (JSON text never starts with these bytes).
@@ -237,8 +270,45 @@ def _parquet_rows(path: Path) -> Iterator[tuple[int, Any]]:
         raise DataError(f"{path}: not a readable Parquet file, corrupt or truncated{where} ({_one_line(exc)}); write the file again") from None
 
 
-def _folder_rows(path: Path) -> Iterator[tuple[int, Any]]:
-    """Rows of a folder written by ``datasets`` ``save_to_disk`` (its "train" split for a DatasetDict)."""
+# Data files a dataset repository folder may hold (datasets' packaged loaders for them),
+# compressed or not.
+_REPO_DATA = (".jsonl", ".json", ".parquet", ".arrow")
+_COMPRESSED = ("", ".gz", ".zst", ".xz", ".bz2")
+
+
+def _is_saved_dataset(names: set[str]) -> bool:
+    import datasets
+
+    return ({datasets.config.DATASET_INFO_FILENAME, datasets.config.DATASET_STATE_JSON_FILENAME} <= names
+            or datasets.config.DATASETDICT_JSON_FILENAME in names)
+
+
+def _has_data_files(path: Path) -> bool:
+    """A dataset repository: data files anywhere below (not in hidden folders), or a README declaring configs."""
+    readme = path / "README.md"
+    if readme.is_file() and re.search(r"^configs:", readme.read_text(errors="replace").split("\n---", 1)[0], re.MULTILINE):
+        return True
+    suffixes = tuple(data + comp for data in _REPO_DATA for comp in _COMPRESSED)
+    for root, dirs, files in os.walk(path):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if any(name.lower().endswith(suffixes) for name in files):
+            return True
+    return False
+
+
+def _choose_split(splits: list[str], split: str | None, where: str) -> str:
+    if split is not None:
+        if split not in splits:
+            raise DataError(f"--data-split {split}: {where} has no such split (its splits: {', '.join(splits)}); choose one of them")
+        return split
+    if "train" not in splits:
+        raise DataError(f"{where}: dataset has splits {sorted(splits)} but no 'train'; choose one with --data-split")
+    return "train"
+
+
+def _folder_rows(path: Path, split: str | None = None, chosen: list[str] | None = None) -> Iterator[tuple[int, Any]]:
+    """Rows of a folder written by ``datasets`` ``save_to_disk`` (``split``, default
+    "train", of a DatasetDict). The split read is appended to ``chosen``."""
     try:
         names = {p.name for p in path.iterdir()}
     except OSError as exc:
@@ -246,11 +316,11 @@ def _folder_rows(path: Path) -> Iterator[tuple[int, Any]]:
     import datasets
     import pyarrow as pa
 
-    is_dataset = {datasets.config.DATASET_INFO_FILENAME, datasets.config.DATASET_STATE_JSON_FILENAME} <= names
-    if not is_dataset and datasets.config.DATASETDICT_JSON_FILENAME not in names:
+    if not _is_saved_dataset(names):
         raise DataError(
             f"{path}: a folder, but not a saved `datasets` folder (no {datasets.config.DATASET_STATE_JSON_FILENAME} or "
-            f"{datasets.config.DATASETDICT_JSON_FILENAME}); give a JSONL, JSON or Parquet file, or a folder written by save_to_disk"
+            f"{datasets.config.DATASETDICT_JSON_FILENAME}) and no dataset repository (no .jsonl, .json or .parquet data files in it); "
+            "give a JSONL, JSON or Parquet file, a dataset folder, or a folder written by save_to_disk"
         )
     # What a damaged folder raises: Arrow errors for a truncated or foreign .arrow file, OSError
     # for a missing one, ValueError (JSON, UTF-8, features), KeyError/TypeError/AttributeError for
@@ -263,9 +333,12 @@ def _folder_rows(path: Path) -> Iterator[tuple[int, Any]]:
     except damaged as exc:
         raise DataError(f"{path}: the saved `datasets` folder is damaged ({type(exc).__name__}: {_one_line(exc)}); save the dataset again") from None
     if isinstance(ds, datasets.DatasetDict):
-        if "train" not in ds:
-            raise DataError(f"{path}: dataset has splits {sorted(ds)} but no 'train'; save the split to use on its own")
-        ds = ds["train"]
+        name = _choose_split(list(ds), split, str(path))
+        ds = ds[name]
+        if chosen is not None:
+            chosen.append(name)
+    elif split is not None:
+        raise DataError(f"--data-split {split}: {path} is a saved dataset of one split, with no split to choose; drop --data-split")
     row = 0
     try:
         for record in ds:
@@ -273,6 +346,129 @@ def _folder_rows(path: Path) -> Iterator[tuple[int, Any]]:
             row += 1
     except damaged as exc:
         raise DataError(f"{path}: the saved `datasets` folder is damaged near row {row} ({type(exc).__name__}: {_one_line(exc)}); save the dataset again") from None
+
+
+def _repo_rows(path: Path, split: str | None, data_config: str | None, chosen: list[str]) -> Iterator[tuple[int, Any]]:
+    """Rows of a dataset repository folder, streamed by ``datasets.load_dataset``."""
+    import datasets
+
+    try:
+        loaded = datasets.load_dataset(str(path), name=data_config, streaming=True)
+    except ValueError as exc:
+        if "BuilderConfig" in str(exc) or "config" in str(exc).lower():
+            raise DataError(f"--data-config {data_config}: {path} has no such configuration ({_one_line(exc)})") from None
+        raise DataError(f"{path}: not a readable dataset folder ({_one_line(exc)}); check its data files") from None
+    except Exception as exc:  # datasets raises many types for a folder it cannot read (no files, mixed formats)
+        raise DataError(f"{path}: not a readable dataset folder ({type(exc).__name__}: {_one_line(exc)}); check its data files") from None
+    name = _choose_split(list(loaded), split, str(path))
+    chosen.append(name)
+    yield from _dataset_rows(loaded[name], str(path))
+
+
+def _dataset_rows(ds: Any, where: str) -> Iterator[tuple[int, Any]]:
+    row = 0
+    try:
+        for record in ds:
+            yield row, record
+            row += 1
+    except Exception as exc:  # a data file that does not parse: datasets and pyarrow raise many types
+        raise DataError(f"{where}: cannot read the dataset near row {row} ({type(exc).__name__}: {_one_line(exc)}); fix or remove that data file") from None
+
+
+def _hub_offline() -> bool:
+    import datasets
+
+    truthy = {"1", "ON", "YES", "TRUE"}
+    return (os.environ.get("HF_DATASETS_OFFLINE", "").upper() in truthy or os.environ.get("HF_HUB_OFFLINE", "").upper() in truthy
+            or bool(datasets.config.HF_HUB_OFFLINE))
+
+
+def _hub_rows(name: str, split: str | None, data_config: str | None, chosen: list[str]) -> Iterator[tuple[int, Any]]:
+    """Rows of a Hub dataset through ``datasets.load_dataset`` (downloaded once into its cache)."""
+    import datasets
+
+    missing = f"--data {name}: no such file or folder, and"
+    try:
+        loaded = datasets.load_dataset(name, name=data_config)
+    except ValueError as exc:
+        if "BuilderConfig" in str(exc) or "config" in str(exc).lower():
+            raise DataError(f"--data-config {data_config}: the Hub dataset {name} has no such configuration ({_one_line(exc)})") from None
+        raise DataError(f"--data {name}: the Hub dataset does not load ({_one_line(exc)})") from None
+    except datasets.exceptions.DatasetNotFoundError:
+        raise DataError(f"{missing} no such dataset on the Hugging Face Hub (or it is private or gated: log in with `hf auth login` or HF_TOKEN)") from None
+    except ConnectionError:
+        if _hub_offline():
+            raise DataError(f"{missing} the Hub dataset {name} is not in the datasets cache while HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set; "
+                            "load it once with network access, set HF_HOME to the cache that holds it, or give a data file or folder") from None
+        raise DataError(f"{missing} the Hugging Face Hub cannot be reached to load the dataset {name}; check the network, or give a data file or folder") from None
+    if not isinstance(loaded, datasets.DatasetDict):
+        loaded = datasets.DatasetDict({"train": loaded})
+    split_name = _choose_split(list(loaded), split, f"the Hub dataset {name}")
+    chosen.append(split_name)
+    yield from _dataset_rows(loaded[split_name], name)
+
+
+_FILE_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet")
+
+
+def _looks_like_hub_id(spec: str) -> bool:
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if spec.count("/") > 1 or spec.lower().endswith(_FILE_SUFFIXES + (".csv", ".txt")):
+        return False
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return False
+    return True
+
+
+class DataSource:
+    """What ``--data`` names, opened: its rows, how to name a row, what was read.
+
+    A path that exists is a file, a saved ``datasets`` folder or a dataset
+    repository folder; a name that is no path but a valid Hub id is a Hub
+    dataset. ``split`` and ``data_config`` apply to folders and Hub datasets.
+    """
+
+    def __init__(self, spec: str | Path, split: str | None = None, data_config: str | None = None):
+        self.spec, self.split, self.data_config = str(spec), split, data_config
+        self.path = Path(spec)
+        self.chosen: list[str] = []
+        self.hub = not os.path.lexists(self.path) and _looks_like_hub_id(self.spec)
+        if not self.hub:
+            check_data_path(self.path)
+            if self.path.is_dir():
+                names = {p.name for p in self.path.iterdir()} if os.access(self.path, os.R_OK | os.X_OK) else set()
+                if "config.json" in names and any(n.endswith((".safetensors", ".bin", ".gguf")) for n in names):
+                    raise DataError(f"--data {self.path}: a model folder (config.json and weights), not a saved `datasets` folder or a dataset "
+                                    "repository; give the data: a JSONL, JSON or Parquet file, or a dataset folder")
+                self.repo = not _is_saved_dataset(names) and _has_data_files(self.path)
+            else:
+                self.repo = False
+                for option, value in (("--data-split", split), ("--data-config", data_config)):
+                    if value is not None:
+                        raise DataError(f"{option} {value}: --data {self.path} is a single file, with no splits or configurations; "
+                                        f"drop {option}, or give a dataset folder or Hub id")
+            if data_config is not None and not self.repo and self.path.is_dir():
+                raise DataError(f"--data-config {data_config}: {self.path} is a saved `datasets` folder, with no configurations; drop --data-config")
+        self.source = self.spec if self.hub else str(self.path.resolve())
+        # JSONL rows are line numbers; everything else counts rows from 0.
+        self.row_word = "line" if not self.hub and self.path.is_file() and self.path.suffix.lower() in (".jsonl", ".ndjson") else "row"
+
+    def rows(self) -> Iterator[tuple[int, Any]]:
+        if self.hub:
+            return _hub_rows(self.spec, self.split, self.data_config, self.chosen)
+        if self.repo:
+            return _repo_rows(self.path, self.split, self.data_config, self.chosen)
+        if self.path.is_dir():
+            return _folder_rows(self.path, self.split, self.chosen)
+        return _iter_rows(self.path)
+
+    @property
+    def split_read(self) -> str | None:
+        return self.chosen[0] if self.chosen else None
 
 
 def _iter_rows(path: Path) -> Iterator[tuple[int, Any]]:
@@ -303,22 +499,52 @@ def as_object(record: Any) -> dict[str, Any]:
     return record
 
 
+def content_text(content: Any, j: int) -> str:
+    """A message's content as text: a string, or the joined texts of OpenAI-style parts."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise _BadRow(f"message {j} content is {type(content).__name__}, not a string (nor a list of text parts)")
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            shown = repr(kind) if kind is not None else f"missing ({type(part).__name__} part)"
+            raise _FatalRow(f"message {j} has a content part of type {shown}; only text parts ({{\"type\": \"text\", \"text\": ...}}) are read, "
+                            "so remove such parts or records (a text teacher cannot score them)")
+        if not isinstance(part.get("text"), str):
+            raise _BadRow(f"message {j} has a text part without a string 'text'")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def chat_messages(record: dict[str, Any], fields: Fields) -> list[dict[str, str]] | None:
+    """The record's turns as ``{"role", "content"}`` messages, from ``fields.messages``
+    or ShareGPT ``fields.conversations``; None when it has neither. Raises _BadRow."""
+    if record.get(fields.messages) is not None:
+        name, role_key, text_key, roles = fields.messages, "role", "content", {r: r for r in ROLES}
+    elif record.get(fields.conversations) is not None:
+        name, role_key, text_key, roles = fields.conversations, "from", "value", SHAREGPT_ROLES
+    else:
+        return None
+    turns = record[name]
+    if not isinstance(turns, list) or not turns:
+        raise _BadRow(f"field '{name}' is not a non-empty list of messages")
+    out = []
+    for j, m in enumerate(turns):
+        if not isinstance(m, dict) or role_key not in m or text_key not in m:
+            raise _BadRow(f"message {j} lacks '{role_key}' or '{text_key}'")
+        if m[role_key] not in roles:
+            raise _BadRow(f"message {j} has unknown role {m[role_key]!r}")
+        out.append({"role": roles[m[role_key]], "content": content_text(m[text_key], j)})
+    return out
+
+
 def normalise_record(record: Any, fields: Fields) -> list[dict[str, str]]:
     """Turn a raw record into a list of chat messages, or raise _BadRow."""
     record = as_object(record)
-    if record.get(fields.messages) is not None:
-        messages = record[fields.messages]
-        if not isinstance(messages, list) or not messages:
-            raise _BadRow(f"field '{fields.messages}' is not a non-empty list of messages")
-        out = []
-        for j, m in enumerate(messages):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise _BadRow(f"message {j} lacks 'role' or 'content'")
-            if m["role"] not in ROLES:
-                raise _BadRow(f"message {j} has unknown role {m['role']!r}")
-            if not isinstance(m["content"], str):
-                raise _BadRow(f"message {j} content is {type(m['content']).__name__}, not a string")
-            out.append({"role": m["role"], "content": m["content"]})
+    out = chat_messages(record, fields)
+    if out is not None:
         if not any(m["role"] == "assistant" for m in out):
             raise _BadRow("no assistant message (nothing to learn from)")
         if any(m["role"] == "assistant" and not m["content"].strip() for m in out):
@@ -412,18 +638,24 @@ def read_examples(
     max_length: int,
     fields: Fields = Fields(),
     strict: bool = False,
+    split: str | None = None,
+    data_config: str | None = None,
+    max_records: int = 0,
 ) -> tuple[list[Example], DataReport]:
-    """Read, validate and tokenise every record of ``path``.
+    """Read, validate and tokenise every record of ``path`` (a file, a folder or a
+    Hub dataset id: :class:`DataSource`), or its first ``max_records`` (0: all).
 
     Over-long records are cut to ``max_length`` tokens (counted as truncated);
     a record whose response starts after the cut is skipped.
     """
-    path = Path(path)
-    check_data_path(path)
+    data = DataSource(path, split, data_config)
+    path = data.path if not data.hub else Path(data.spec)
     tokenise = Tokenise(tokenizer)
-    report = DataReport(path=str(path))
+    report = DataReport(path=data.spec, source=data.source)
     examples: list[Example] = []
-    for row, record in _iter_rows(path):
+    for row, record in data.rows():
+        if max_records and report.rows >= max_records:
+            break
         report.rows += 1
         try:
             messages = normalise_record(record, fields)
@@ -436,7 +668,9 @@ def read_examples(
             if not any(response[1:]):
                 raise _BadRow("response has no tokens after tokenisation")
         except _BadRow as bad:
-            where = f"line {row}" if path.suffix.lower() in (".jsonl", ".ndjson") else f"row {row}"
+            where = f"{data.row_word} {row}"
+            if isinstance(bad, _FatalRow):
+                raise DataError(f"{data.spec} {where}: {bad}") from None
             if strict:
                 raise DataError(f"{path} {where}: {bad}; fix or remove the record, or run without --strict to skip bad rows") from None
             report.skip(str(bad).split(" (")[0], row)
@@ -450,8 +684,9 @@ def read_examples(
             )
         )
         report.kept += 1
+    report.split = data.split_read
     if not examples:
-        raise DataError(f"{path}: no usable records, nothing to cache: {_why_nothing(path, report)}")
+        raise DataError(f"{data.spec}: no usable records, nothing to cache: {_why_nothing(path, report)}")
     return examples, report
 
 

@@ -10,6 +10,7 @@ The file is written under a temporary name and renamed when complete.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .data import Fields, _BadRow, _iter_rows, as_object, check_data_path
+from .data import DataSource, Fields, _BadRow, _FatalRow, as_object, chat_messages
 from .errors import DataError, HPDError
 from .outputs import check_output_file
 from .progress import Progress
@@ -39,6 +40,9 @@ class GenerateConfig:
     engine: str = "vllm"
     fields: Fields = Fields()
     engine_args: dict[str, Any] | None = None
+    revision: str | None = None  # a Hub teacher's branch, tag or commit
+    data_split: str | None = None  # a dataset folder's or Hub dataset's split (default: train)
+    data_config: str | None = None
 
     def validate(self) -> None:
         if self.n < 1:
@@ -53,11 +57,11 @@ class GenerateConfig:
 
 def _prompt_messages(record: Any, fields: Fields) -> list[dict[str, str]]:
     record = as_object(record)
-    if isinstance(record.get(fields.messages), list):
-        messages = [{"role": m.get("role"), "content": m.get("content")} for m in record[fields.messages] if isinstance(m, dict)]
+    messages = chat_messages(record, fields)  # chat or ShareGPT, content as a string or text parts
+    if messages is not None:
         while messages and messages[-1]["role"] == "assistant":
             messages.pop()
-        if not messages or any(not isinstance(m["content"], str) for m in messages):
+        if not messages:
             raise _BadRow("no usable prompt messages")
         return messages
     prompt = record.get(fields.prompt)
@@ -75,26 +79,31 @@ def generate_responses(config: GenerateConfig, llm: Any = None) -> dict[str, Any
     config.validate()
     from transformers import AutoTokenizer
 
-    path = Path(config.data)
-    check_data_path(path)
-    check_output_file(config.out, "--out", inputs=[("--data", config.data), ("--teacher", config.teacher)])
+    from .hub import local_model
+
+    config = dataclasses.replace(config, teacher=local_model(config.teacher, config.revision, "--teacher"))
+    source = DataSource(config.data, config.data_split, config.data_config)
+    path = source.path
+    check_output_file(config.out, "--out", inputs=[("--data", None if source.hub else config.data), ("--teacher", config.teacher)])
     tokenizer = AutoTokenizer.from_pretrained(config.teacher)
     if not getattr(tokenizer, "chat_template", None):
         raise HPDError(f"--teacher {config.teacher}: no chat template; generation needs one to render prompts")
     items, skipped = [], 0
-    for row, record in _iter_rows(path):
+    for row, record in source.rows():
         try:
             messages = _prompt_messages(record, config.fields)
+        except _FatalRow as bad:
+            raise DataError(f"{config.data} {source.row_word} {row}: {bad}") from None
         except _BadRow as bad:
             skipped += 1
-            log.warning("%s row %s: %s (skipped)", path, row, bad)
+            log.warning("%s %s %s: %s (skipped)", config.data, source.row_word, row, bad)
             continue
         rid = record.get("id", f"row-{row}") if isinstance(record, dict) else f"row-{row}"
         ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
         ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
         items.append((rid, messages, ids))
     if not items:
-        raise DataError(f"{path}: no usable prompts")
+        raise DataError(f"{config.data}: no usable prompts")
     started = time.time()
     progress = Progress(total=len(items) * config.n, unit="responses", desc="generate")
     texts = _sample(config, tokenizer, [ids for _, _, ids in items], progress, llm)

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from .errors import HPDError
 from .outputs import check_output_folder
@@ -96,24 +97,57 @@ def import_gguf(gguf: str | os.PathLike, out: str | os.PathLike, *, check_tokens
     return out
 
 
-def resolve_teacher(name_or_path: str) -> str:
-    """A model folder as given, or a packaged teacher's name (imported on first use)."""
+def resolve_teacher(name_or_path: str, revision: str | None = None, flag: str = "--teacher") -> str:
+    """The folder of a model: a folder as given, a packaged teacher's name
+    (imported on first use), or a Hub id's snapshot folder (hpd_tools.hub)."""
     if name_or_path in PACKAGED_GGUF and not Path(name_or_path).exists():
+        if revision is not None:
+            raise HPDError(f"--revision {revision}: {flag} {name_or_path} is the packaged teacher, which has no revisions; drop --revision")
         out = default_teacher_dir().parent / name_or_path
         out.parent.mkdir(parents=True, exist_ok=True)
         return str(import_gguf(packaged_gguf(name_or_path), out))
-    return name_or_path
+    from .hub import local_model
+
+    return local_model(name_or_path, revision, flag)
 
 
-def prune_layers(teacher: str | os.PathLike, out: str | os.PathLike, keep: list[int]) -> Path:
-    """A student made from ``teacher`` by depth pruning: the decoder layers in
-    ``keep`` (in that order), with the teacher's embeddings, final norm, LM head
-    and tokenizer. Returns ``out``, a folder transformers and vLLM load.
+# The default --max-length, when the teacher's context allows it.
+MAX_LENGTH = 2048
+# transformers' model_max_length when a tokenizer sets none (int(1e30)) is no context.
+_SANE_CONTEXT = 10_000_000
+
+
+def teacher_context(model_config: dict[str, Any], tokenizer: Any = None) -> int | None:
+    """Positions the teacher was built for: ``max_position_embeddings`` of its
+    config (or of its ``text_config``), else the tokenizer's ``model_max_length``
+    when it is a real limit; None when neither says."""
+    for config in (model_config, model_config.get("text_config") or {}):
+        value = config.get("max_position_embeddings") if isinstance(config, dict) else None
+        if isinstance(value, int) and value > 1:
+            return value
+    value = getattr(tokenizer, "model_max_length", None)
+    return value if isinstance(value, int) and 1 < value < _SANE_CONTEXT else None
+
+
+def default_max_length(context: int | None) -> int:
+    """--max-length when none is given: 2048, or less to fit the teacher's
+    context, keeping the one position the engine needs past the sequence."""
+    return min(MAX_LENGTH, context - 1) if context else MAX_LENGTH
+
+
+def prune_layers(teacher: str | os.PathLike, out: str | os.PathLike, keep: list[int], revision: str | None = None) -> Path:
+    """A student made from ``teacher`` (a folder or a Hub id at ``revision``) by
+    depth pruning: the decoder layers in ``keep`` (in that order), with the
+    teacher's embeddings, final norm, LM head and tokenizer. Returns ``out``, a
+    folder transformers and vLLM load.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    teacher, out = Path(teacher), Path(out)
+    from .hub import hub_origin, resolve_model
+
+    teacher, _ = resolve_model(str(teacher), revision, "--teacher")
+    out = Path(out)
     if not (teacher / "config.json").is_file():
         raise HPDError(f"--teacher {teacher}: not a model folder (no config.json)")
     # Before the teacher loads: never replace the teacher, a cache or a folder prune did not make.
@@ -137,7 +171,8 @@ def prune_layers(teacher: str | os.PathLike, out: str | os.PathLike, keep: list[
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(teacher).save_pretrained(tmp)
-    meta = {"pruned_from": str(teacher.resolve()), "kept_layers": keep, "teacher_layers": n}
+    origin = hub_origin(teacher)
+    meta = {"pruned_from": str(teacher.resolve()), "kept_layers": keep, "teacher_layers": n, **({"hub": {"repo_id": origin[0], "commit": origin[1]}} if origin else {})}
     (tmp / "hpd_prune.json").write_text(__import__("json").dumps(meta, indent=2))
     if out.exists():
         shutil.rmtree(out)

@@ -34,7 +34,7 @@ from .cache import CacheConfig, build_cache, verify_cache
 from .config import build
 from .distill import DistillConfig, evaluate, train
 from .generate import GenerateConfig, generate_responses, start_vllm
-from .models import parse_layers, prune_layers, resolve_teacher
+from .models import default_max_length, parse_layers, prune_layers, resolve_teacher, teacher_context
 from .outputs import check_output_folder
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class PipelineConfig:
     out: str = "runs/smollm2-135m"
-    teacher: str = "smollm2-135m-instruct"
+    teacher: str = "smollm2-135m-instruct"  # the packaged teacher, a model folder or a Hub id
+    revision: str | None = None  # a Hub teacher's branch, tag or commit (None: its default branch)
     student_layers: str = "0,6,12,18,24,29"
     train_prompts: str = "data/instructions/train.jsonl"
     heldout_prompts: str = "data/instructions/heldout.jsonl"
@@ -140,7 +141,7 @@ def prepare(config: PipelineConfig, timings: dict[str, float] | None = None) -> 
     (out / PIPELINE_MARKER).write_text(json.dumps({"format": "hpd-tools pipeline run", "config": asdict(config)}, indent=2, default=str))
 
     t = _stage("1/6 teacher: import the packaged GGUF")
-    teacher = resolve_teacher(config.teacher)
+    teacher = resolve_teacher(config.teacher, config.revision)  # a Hub id: its snapshot folder, which carries the commit into the cache keys
     timings["teacher"] = time.time() - t
 
     t = _stage("2/6 student: depth pruning")
@@ -167,7 +168,12 @@ def prepare(config: PipelineConfig, timings: dict[str, float] | None = None) -> 
     timings["generate"] = time.time() - t
 
     t = _stage("4/6 cache: teacher top-k")
-    configs = {split: CacheConfig(teacher=teacher, data=path, top_k=config.top_k, engine=config.engine) for split, path in data.items()}
+    from transformers import AutoTokenizer
+
+    # The default --max-length, resolved here so that the shared engine is sized for it.
+    context = teacher_context(json.loads((Path(teacher) / "config.json").read_text()), AutoTokenizer.from_pretrained(teacher))
+    configs = {split: CacheConfig(teacher=teacher, data=path, top_k=config.top_k, engine=config.engine, max_length=default_max_length(context))
+               for split, path in data.items()}
     engine = None
     if config.engine == "vllm" and not all(build_cache_is_complete(c) for c in configs.values()):
         from .engines.vllm import VLLMTeacher

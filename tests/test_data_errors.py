@@ -176,7 +176,7 @@ def _under_file(tmp_path: Path) -> Path:
 
 def _folder_named_jsonl(tmp_path: Path) -> Path:
     (tmp_path / "x.jsonl").mkdir()
-    (tmp_path / "x.jsonl" / "part-0.jsonl").write_text(JSONL_TEXT)
+    (tmp_path / "x.jsonl" / "part-0.txt").write_text(JSONL_TEXT)  # a folder of .jsonl files is a dataset repository (tests/test_datasets_input.py)
     return tmp_path / "x.jsonl"
 
 

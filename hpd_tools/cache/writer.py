@@ -67,6 +67,7 @@ kept consistent).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -94,10 +95,11 @@ log = logging.getLogger(__name__)
 class CacheConfig:
     """Everything ``hpd-tools cache`` takes. Fields that change the content are in the key."""
 
-    teacher: str
-    data: str
+    teacher: str  # a model folder or a Hub id (hpd_tools.hub)
+    data: str  # a file, a folder (saved or a dataset repository) or a Hub dataset id (hpd_tools.data)
     top_k: int = 64
-    max_length: int = 2048
+    # None: the smaller of 2048 and the teacher's context (resolved before the key).
+    max_length: int | None = None
     engine: str = "vllm"
     out: str | None = None
     shard: tuple[int, int] = (0, 1)
@@ -115,6 +117,10 @@ class CacheConfig:
     # write_threads=0, units_in_flight=1 is the serial path.
     write_threads: int = 2
     units_in_flight: int = 16
+    revision: str | None = None  # the Hub teacher's branch, tag or commit (None: its default branch)
+    data_split: str | None = None  # None: "train", or the only split
+    data_config: str | None = None  # a dataset repository's configuration (datasets' ``name``)
+    max_records: int = 0  # read at most this many records (0: all)
 
     def validate(self) -> None:
         index, count = self.shard
@@ -122,7 +128,9 @@ class CacheConfig:
             raise HPDError(f"--shard {index}/{count}: expected I/N with 0 <= I < N")
         if self.top_k < 1:
             raise HPDError(f"--top-k {self.top_k}: must be at least 1")
-        if self.max_length < 2:
+        if self.max_records < 0:
+            raise HPDError(f"--max-records {self.max_records}: must be 0 (all) or more")
+        if self.max_length is not None and self.max_length < 2:
             raise HPDError(f"--max-length {self.max_length}: must be at least 2")
         if self.chunk_tokens < 16:
             raise HPDError(f"--chunk-tokens {self.chunk_tokens}: must be at least 16")
@@ -324,15 +332,23 @@ def build_cache(config: CacheConfig, teacher: TeacherEngine | None = None, dry_r
     """
     config.validate()
     started = time.time()
-    teacher_config = _check_teacher(config.teacher)
+    from ..hub import hub_origin, resolve_model
+    from ..models import default_max_length, teacher_context
+
+    teacher_dir, _ = resolve_model(config.teacher, config.revision, "--teacher")
+    origin = hub_origin(teacher_dir)  # (repo id, commit) of a Hub snapshot folder, however it was named
+    teacher_config = _check_teacher(str(teacher_dir))
     vocab_size = int(teacher_config.get("vocab_size") or 0)
     if vocab_size and config.top_k > vocab_size:
         raise HPDError(f"--top-k {config.top_k}: larger than the teacher's vocabulary ({vocab_size}); use at most {vocab_size}")
-    context = int(teacher_config.get("max_position_embeddings") or 0)
-    if context and config.max_length >= context:
+    tokenizer = _load_tokenizer(str(teacher_dir))
+    context = teacher_context(teacher_config, tokenizer)
+    if context and config.max_length is not None and config.max_length >= context:
         raise HPDError(f"--max-length {config.max_length}: the teacher's context is {context} positions (one is kept for the engine); use at most {context - 1}")
-    tokenizer = _load_tokenizer(config.teacher)
-    examples, report = read_examples(config.data, tokenizer, max_length=config.max_length, fields=config.fields, strict=config.strict)
+    # From here on the folder and the resolved length are the config: _fill and the engines see them.
+    config = dataclasses.replace(config, teacher=str(teacher_dir), max_length=config.max_length or default_max_length(context))
+    examples, report = read_examples(config.data, tokenizer, max_length=config.max_length, fields=config.fields, strict=config.strict,
+                                     split=config.data_split, data_config=config.data_config, max_records=config.max_records)
     for reason, n in report.skipped.items():
         log.warning("skipped %d row(s) of %s: %s (first rows %s)", n, config.data, reason, report.first_rows[reason])
     if report.truncated:
@@ -351,6 +367,8 @@ def build_cache(config: CacheConfig, teacher: TeacherEngine | None = None, dry_r
         "engine_name": config.engine,  # vLLM and transformers agree only within tolerances: never share rows; the version is not in the key
         "codec": codec.CODEC_VERSION,
     }
+    if origin is not None:  # a Hub teacher's commit: `main` moving on makes a new cache (absent for folders: their keys stay as they were)
+        identity["teacher_revision"] = origin[1]
     compat = hash_obj(identity)
     fingerprint = sha256_hex(plan.example_ids.tobytes())
     key = hash_obj({"compat": compat, "data": fingerprint})[:32]
@@ -374,9 +392,11 @@ def build_cache(config: CacheConfig, teacher: TeacherEngine | None = None, dry_r
             **identity,
             "key": key,
             "compat": compat,
-            "teacher": {"path": str(Path(config.teacher).resolve()), "name": Path(config.teacher).name, "hash": identity["teacher_hash"], "vocab_size": vocab_size},
+            "teacher": {"path": str(Path(config.teacher).resolve()), "name": origin[0] if origin else Path(config.teacher).name, "hash": identity["teacher_hash"],
+                        "vocab_size": vocab_size, **({"hub": {"repo_id": origin[0], "commit": origin[1], "revision": config.revision or "main"}} if origin else {})},
             "tokenizer": {"size": len(tokenizer)},
-            "data": {"path": str(Path(config.data).resolve()), "fingerprint": fingerprint, "report": report.as_dict()},
+            "data": {"path": report.source, "fingerprint": fingerprint, "report": report.as_dict(),
+                     **{k: v for k, v in (("split", report.split), ("config", config.data_config), ("max_records", config.max_records)) if v}},
             "engine": {"name": config.engine, "version": _engine_version(config.engine)},
             "codec_spec": codec.describe(),
             "position_convention": "position i holds the teacher's distribution for token i+1",

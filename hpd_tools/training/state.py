@@ -133,6 +133,10 @@ class Training:
         from ..onpolicy import OnPolicy
 
         config, world = self.config, self.world
+        if not config.online_teacher.startswith(("http://", "https://")):  # a folder or a Hub id: its folder, resolved once
+            from ..hub import local_model
+
+            config = dataclasses.replace(config, online_teacher=local_model(config.online_teacher, None, "--online-teacher"))
         prompt_cache = config.prompt_cache or config.caches[0]
         store = check_caches([prompt_cache], self.tokenizer, what="--prompt-cache")[0]
         self.meta["cache_keys"]["prompt_cache"] = store.key

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import fields
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,13 +26,15 @@ def _first_line(exc: BaseException, limit: int = 200) -> str:
     return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
-def load_student(path: str, attn_implementation: str | None = None) -> tuple[Any, Any]:
-    """The student (float32 weights) and its tokenizer; ``attn_implementation``
-    goes to transformers (None: its default)."""
+def load_student(path: str, attn_implementation: str | None = None, revision: str | None = None) -> tuple[Any, Any]:
+    """The student (float32 weights) and its tokenizer, from a folder or a Hub id
+    at ``revision`` (hpd_tools.hub); ``attn_implementation`` goes to transformers
+    (None: its default)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    if not Path(path).is_dir():
-        raise HPDError(f"--student {path}: no such folder; give a Hugging Face model folder")
+    from ..hub import local_model
+
+    path = local_model(path, revision, "--student")
     attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
