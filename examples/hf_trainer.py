@@ -36,7 +36,8 @@ class DistillTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # num_items_in_batch: the step's response tokens over accumulation (and ranks),
-        # counted by Trainer from the collator's "shift_labels", as distill normalises.
+        # counted by Trainer from the collator's "labels"/"shift_labels", as distill normalises
+        # (None for a model whose forward takes no loss kwargs: Trainer then averages the micro-batches).
         loss = distill_loss(model, inputs["inputs"], inputs["loss_mask"], inputs["targets"], self.loss_name,
                             loss_options=self.loss_options, num_tokens=num_items_in_batch)
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:

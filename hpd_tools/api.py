@@ -10,7 +10,7 @@ Three pieces, the same ones ``hpd-tools distill`` runs:
   ``torch.distributed`` or RANK/WORLD_SIZE, or takes them) and resumable
   (``state_dict`` / ``load_state_dict``, JSON-serialisable).
 - :class:`CacheCollator`: a micro-batch to ``{"inputs", "loss_mask", "targets",
-  "shift_labels"}``, decoded on the training device (hpd_tools.stream.batch_targets).
+  ...}``, decoded on the training device (hpd_tools.stream.batch_targets).
 - :func:`distill_loss`: the student's forward and the chunked loss
   (hpd_tools.training.student.chunked_loss), the loss per response token; the
   [rows, vocab] logits exist one chunk of ``chunk_tokens`` rows at a time.
@@ -188,9 +188,10 @@ class CacheCollator:
     - ``loss_mask``: bool [B, T], the positions that train;
     - ``targets``: hpd_tools.losses.Targets of those positions, flat, with the
       batch's noise;
-    - ``shift_labels``: ``targets.labels`` again, under the name
-      ``transformers.Trainer`` counts for ``num_items_in_batch`` (the step's
-      response tokens, over accumulation and ranks).
+    - ``labels`` and ``shift_labels``: ``targets.labels`` again, under the
+      names ``transformers.Trainer`` looks for (the first) and counts (the
+      second) for ``num_items_in_batch``: the step's response tokens, over
+      accumulation and ranks.
 
     The compact payload travels in one copy and is decoded on ``device``."""
 
@@ -205,7 +206,7 @@ class CacheCollator:
         inputs, targets = to_targets(item.batch, self.device)
         targets.noise = item.noise.to(self.device, non_blocking=True)
         mask = torch.from_numpy(item.batch.loss_mask).to(self.device, non_blocking=True)
-        return {"inputs": inputs, "loss_mask": mask, "targets": targets, "shift_labels": targets.labels}
+        return {"inputs": inputs, "loss_mask": mask, "targets": targets, "labels": targets.labels, "shift_labels": targets.labels}
 
 
 def _core(model: Any) -> Any:

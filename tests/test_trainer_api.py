@@ -5,6 +5,7 @@ is distill's micro-step loss, and transformers.Trainer trains with them."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, TrainingArguments
 
 from conftest import ROOT, train_records, write_jsonl
 from test_distill import make_student
@@ -127,18 +128,56 @@ def test_loss_equals_distills_micro_step(setup, loss):
         CacheCollator()([item, item])
 
 
-def test_hf_trainer_example_trains_and_resumes(setup, tmp_path):
-    """examples/hf_trainer.py: 4 steps with checkpoints, then --resume to 6; the
-    stream position it saved is a fresh dataset's after 4 steps, and the student's
-    forward KL on fixed batches falls."""
+def _example():
+    spec = importlib.util.spec_from_file_location("hf_trainer", ROOT / "examples" / "hf_trainer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_trainer_step_accumulates_as_distill(setup, tmp_path):
+    """One step of the example's Trainer over 2 accumulated micro-batches (hpd,
+    so y' comes from the dataset's noise): the gradient distill's two micro-steps
+    give, each scaled by 1 / the step's response tokens."""
+    grads = []
+
+    class Grab(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads.append(_grads(model).clone())
+
+    model = AutoModelForCausalLM.from_pretrained(setup["student"])
+    reference = copy.deepcopy(model)
+    dataset = CacheDataset([setup["cache"]], batch_tokens=BATCH_TOKENS, seed=4, grad_accum=2, rank=0, world_size=1)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, gradient_accumulation_steps=2, max_grad_norm=0.0, report_to="none",
+                             save_strategy="no", use_cpu=True)
+    trainer = _example().DistillTrainer(model=model, args=args, train_dataset=dataset, data_collator=CacheCollator("cpu"), callbacks=[Grab()],
+                                        loss="hpd", loss_options={})
+    trainer.train()
+    dataset.close()
+
+    batches = StepStream([setup["cache"]], slots=[0, 1], n_slots=2, batch_tokens=BATCH_TOKENS, seed=4).next_batch()
+    n = sum(int(b.loss_mask.sum()) for b in batches)
+    cfg = DistillConfig(caches=[setup["cache"]], student=str(setup["student"]), out="unused", loss="hpd")
+    for slot, batch in enumerate(batches):
+        micro_step(reference, batch, noise_generator(4, slot), cfg, torch.device("cpu"), 1.0 / n)
+    torch.testing.assert_close(grads[0], _grads(reference), atol=1e-6, rtol=1e-5)
+
+
+def test_hf_trainer_example_trains_and_resumes(setup, tmp_path, monkeypatch):
+    """examples/hf_trainer.py as a script: 4 steps with checkpoints; then --resume
+    to 5 (in-process, to spare a second start of torch and transformers). The
+    stream position it saved is a fresh dataset's after 4 steps, and the
+    student's forward KL on those steps' batches falls."""
     out = tmp_path / "run"
-    base = [sys.executable, str(ROOT / "examples" / "hf_trainer.py"), "--cache", setup["cache"], "--student", str(setup["student"]),
-            "--out", str(out), "--loss", "fkl", "--batch-tokens", str(BATCH_TOKENS), "--grad-accum", "2", "--lr", "3e-3", "--save-every", "2"]
-    for extra in (["--max-steps", "4"], ["--max-steps", "6", "--resume"]):
-        run = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stderr[-3000:]
+    args = ["--cache", setup["cache"], "--student", str(setup["student"]), "--out", str(out), "--loss", "fkl",
+            "--batch-tokens", str(BATCH_TOKENS), "--grad-accum", "2", "--lr", "3e-3", "--save-every", "2"]
+    run = subprocess.run([sys.executable, str(ROOT / "examples" / "hf_trainer.py"), *args, "--max-steps", "4"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert len(json.loads((out / "losses.json").read_text())) == 4
+    monkeypatch.setattr(sys, "argv", ["hf_trainer.py", *args, "--max-steps", "5", "--resume"])
+    _example().main()
     losses = json.loads((out / "losses.json").read_text())
-    assert len(losses) == 6 and all(np.isfinite(losses))
+    assert len(losses) == 5 and all(np.isfinite(losses))  # the resumed run keeps the first run's log
 
     fresh = CacheDataset([setup["cache"]], batch_tokens=BATCH_TOKENS, seed=0, grad_accum=2, rank=0, world_size=1)
     items = iter(fresh)
@@ -150,7 +189,7 @@ def test_hf_trainer_example_trains_and_resumes(setup, tmp_path):
 
     @torch.no_grad()
     def fkl(model) -> float:
-        return float(np.mean([float(distill_loss(model, **{k: v for k, v in collate(i).items() if k != "shift_labels"}, loss="fkl")) for i in held]))
+        return float(np.mean([float(distill_loss(model, **{k: v for k, v in collate(i).items() if k in ("inputs", "loss_mask", "targets")}, loss="fkl")) for i in held]))
 
     before = fkl(AutoModelForCausalLM.from_pretrained(setup["student"]))
     after = fkl(AutoModelForCausalLM.from_pretrained(out / "final"))
