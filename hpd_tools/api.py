@@ -236,7 +236,9 @@ def distill_loss(
     runs through ``model`` (so DDP's gradient hooks take part) with
     ``logits_to_keep=1``; the final hidden states of the trained positions meet
     the LM head ``chunk_tokens`` rows at a time inside checkpointed calls, so
-    [batch, length, vocab] logits never exist. ``num_tokens``: the count to
+    [batch, length, vocab] logits never exist, under the autocast the forward
+    ran under (mixed precision that wraps only the model's forward, as
+    accelerate's does, reaches the head too). ``num_tokens``: the count to
     divide by when a step accumulates micro-batches or ranks (distill divides
     by the step's global count; ``transformers.Trainer`` passes it to
     ``compute_loss`` as ``num_items_in_batch``). ``return_stats``: also the
@@ -247,19 +249,26 @@ def distill_loss(
     options = dict(loss_options or {})  # names and values are checked by the loss itself (hpd_tools.losses.compute_loss)
     core = _core(model)
     decoder = core.get_decoder() if hasattr(core, "get_decoder") else core.base_model
-    captured: list[torch.Tensor] = []
-    handle = decoder.register_forward_hook(lambda _m, _a, out: captured.append(out[0] if isinstance(out, tuple) else out.last_hidden_state))
+    captured: list[tuple[torch.Tensor, Any]] = []
+
+    def grab(_module: Any, _args: Any, out: Any) -> None:
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        kind = hidden.device.type
+        # The autocast the forward runs under: a trainer may apply it to the model's
+        # forward alone (accelerate does), and the head should compute as distill's does.
+        captured.append((hidden, torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None))
+
+    handle = decoder.register_forward_hook(grab)
     try:
         model(**inputs, logits_to_keep=1)
     finally:
         handle.remove()
-    hidden = captured[0][loss_mask]
+    hidden, autocast_dtype = captured[0]
+    hidden = hidden[loss_mask]
     config = DistillConfig(caches=[], student="", out="", loss=loss, loss_options=options, loss_chunk_tokens=chunk_tokens)
-    head = core.get_output_embeddings()
-    low = hidden.dtype in (torch.bfloat16, torch.float16) and hidden.dtype != head.weight.dtype and not torch.is_autocast_enabled(hidden.device.type)
-    # A trainer whose autocast wraps only the model's forward (accelerate) hands back
-    # bf16 hidden states; the head then runs under the same autocast.
-    with torch.autocast(hidden.device.type, dtype=hidden.dtype) if low else contextlib.nullcontext():
+    kind = hidden.device.type
+    outer = autocast_dtype is not None and not torch.is_autocast_enabled(kind)
+    with torch.autocast(kind, dtype=autocast_dtype) if outer else contextlib.nullcontext():
         total, stats = chunked_loss(core, hidden, targets, config)
     count = num_tokens if num_tokens is not None else max(int(targets.labels.shape[0]), 1)
     value = total / count
