@@ -1,7 +1,13 @@
-"""Progress for long work: a bar on a terminal, a log line every few seconds otherwise.
+"""Progress for long work, through tqdm: a bar on a terminal, a log line every
+ten seconds otherwise (tqdm's own line, sent to the ``hpd_tools.progress``
+logger, so it reaches log files and ``-v`` filtering like any other line).
 
-Rate and ETA count only work actually done in this run (skipped or reused work
-advances the position but not the rate), so the ETA of a resumed run is honest.
+Rate and ETA count only work actually done in this run: skipped or reused work
+advances the position but not the rate (``update(n, count_rate=False)``
+moves tqdm's ``initial`` with it), so the ETA of a resumed run is honest. The
+rate is the run's average (``smoothing=0``), not tqdm's moving average: a cache
+run alternates fast reused units with teacher work, and the average is what
+predicts the end.
 """
 
 from __future__ import annotations
@@ -10,66 +16,54 @@ import logging
 import sys
 import time
 
+from tqdm import tqdm
+
 log = logging.getLogger("hpd_tools.progress")
+tqdm.monitor_interval = 0  # no monitor thread: the bar is updated from the work itself
 
 
-def _fmt_seconds(seconds: float) -> str:
-    seconds = int(seconds)
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+class _ToLog:
+    """A file for tqdm that logs each line it writes (tqdm writes '\\r' + line)."""
+
+    def write(self, text: str) -> None:
+        text = text.strip("\r\n ")
+        if text:
+            log.info(text)
+
+    def flush(self) -> None:
+        pass
 
 
 class Progress:
     def __init__(self, total: int, unit: str, desc: str, interval: float | None = None):
-        self.total, self.unit, self.desc = total, unit, desc
-        self.done = 0
-        self.counted = 0
-        self.started = time.time()
-        self.work_started: float | None = None
         self.tty = sys.stderr.isatty()
-        self.interval = interval if interval is not None else (0.5 if self.tty else 10.0)
-        self.last_print = 0.0
-        self.last_done = -1
+        self.desc = desc
+        self.bar = tqdm(total=total, disable=False, unit=f" {unit}", desc=desc, file=sys.stderr if self.tty else _ToLog(), ascii=not self.tty,
+                        mininterval=interval if interval is not None else (0.5 if self.tty else 10.0), smoothing=0, dynamic_ncols=self.tty,
+                        # rates as units per second, never tqdm's inverted seconds per unit
+                        bar_format=("{l_bar}{bar}| {n_fmt}/{total_fmt}{unit} [{elapsed}<{remaining}, {rate_noinv_fmt}]" if self.tty
+                                    else "{desc}: {n_fmt}/{total_fmt}{unit} ({percentage:.0f}%) {rate_noinv_fmt} ETA {remaining}"))
 
     def note(self, message: str) -> None:
         log.info("%s: %s", self.desc, message)
 
     def restart_clock(self) -> None:
         """Measure the rate from now (after a model load, say)."""
-        self.work_started = time.time()
-        self.counted = 0
+        self.bar.start_t = self.bar.last_print_t = time.time()
+        self.bar.initial = self.bar.n
 
     def update(self, n: int, count_rate: bool = True) -> None:
-        if count_rate and n:
-            if self.work_started is None:
-                self.work_started = self.started
-            self.counted += n
-        self.done += n
-        now = time.time()
-        if now - self.last_print >= self.interval or self.done >= self.total:
-            self.last_print = now
-            self._print(final=False)
-            self.last_done = self.done
-
-    def line(self) -> str:
-        elapsed = time.time() - (self.work_started or self.started)
-        rate = self.counted / elapsed if self.counted and elapsed > 0 else 0.0
-        remaining = self.total - self.done
-        eta = _fmt_seconds(remaining / rate) if rate > 0 else "?"
-        pct = 100.0 * self.done / self.total if self.total else 100.0
-        shown = f"{rate:,.0f}" if rate >= 10 else f"{rate:.2f}"
-        return f"{self.desc}: {self.done}/{self.total} {self.unit} ({pct:.0f}%) {shown} {self.unit}/s ETA {eta}"
-
-    def _print(self, final: bool) -> None:
-        text = self.line()
-        if self.tty:
-            sys.stderr.write("\r" + text + ("\n" if final else ""))
-            sys.stderr.flush()
-        else:
-            log.info(text)
+        if not count_rate:
+            self.bar.initial += n  # position moves, the rate does not
+        self.bar.set_description_str(self.desc, refresh=False)
+        self.bar.update(n)
+        if self.bar.n >= (self.bar.total or 0) and self.bar.last_print_n != self.bar.n:  # the last update always shows
+            self.bar.refresh()
+            self.bar.last_print_n = self.bar.n
 
     def close(self) -> None:
-        # On a terminal, end the bar's line; in a log, repeat only unprinted progress.
-        if self.total and (self.tty or self.last_done != self.done):
-            self._print(final=True)
+        if not self.tty:  # in a log: the last position once (tqdm's close would repeat a line already logged)
+            if self.bar.n != self.bar.last_print_n:
+                self.bar.refresh()
+            self.bar.leave = False
+        self.bar.close()
