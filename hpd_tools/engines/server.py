@@ -39,22 +39,21 @@ server can batch them. Connection errors, timeouts, HTTP 5xx, 408 and 429 are
 retried ``retries`` times, waiting ``backoff * 2**attempt`` seconds in between;
 then ``TeacherUnavailable`` is raised, naming the URL and the last error. One
 request's failure stops the others' retries. Other HTTP 4xx responses raise
-``HPDError`` immediately with the server's message. Only the standard library
-is used for HTTP.
+``HPDError`` immediately with the server's message. HTTP goes through one
+pooled ``httpx`` client (keep-alive connections, ``concurrency`` of them); the
+retry loop is ours because it retries on status codes and stops when another
+request has failed, which transport-level retries do not.
 """
 
 from __future__ import annotations
 
-import http.client
 import json
-import socket
 import threading
-import urllib.error
-import urllib.request
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, Sequence
 
+import httpx
 import numpy as np
 
 from ..errors import HPDError, TeacherUnavailable
@@ -135,7 +134,10 @@ class ServerTeacher:
         self.retries = int(retries)
         self.backoff = float(backoff)
         self.timeout = float(timeout)
-        self._opener = urllib.request.build_opener()
+        # One pooled client (keep-alive connections, as many as the thread pool has
+        # requests in flight) instead of a new TCP connection per request.
+        self._client = httpx.Client(base_url=self.url, timeout=self.timeout,
+                                    limits=httpx.Limits(max_connections=self.concurrency, max_keepalive_connections=self.concurrency))
         self._pool: ThreadPoolExecutor | None = None
 
         models = self._call("GET", "/v1/models", None, threading.Event()).get("data") or []
@@ -170,32 +172,21 @@ class ServerTeacher:
     # -- HTTP --------------------------------------------------------------
 
     def _once(self, method: str, path: str, payload: dict | None) -> Any:
-        data = None if payload is None else json.dumps(payload).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method)
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
         try:
-            with self._opener.open(req, timeout=self.timeout) as resp:
-                body = resp.read()
-        except urllib.error.HTTPError as exc:
-            try:
-                body = exc.read()
-            except Exception:
-                body = b""
-            message = f"HTTP {exc.code} on {path}: {_server_message(body)}"
-            if exc.code >= 500 or exc.code in _RETRY_STATUS:
-                raise _Retryable(message) from None
-            raise HPDError(f"teacher server {self.url}: {message}") from None
-        except urllib.error.URLError as exc:
-            raise _Retryable(f"{path}: {_one_line(exc.reason)}") from None
-        except (TimeoutError, socket.timeout) as exc:
+            resp = self._client.request(method, path, json=payload)
+        except httpx.TimeoutException as exc:
             raise _Retryable(f"{path}: timed out after {self.timeout:g} s") from exc
-        except (http.client.HTTPException, ConnectionError, OSError) as exc:
+        except httpx.TransportError as exc:  # refused, reset, DNS, protocol errors
             raise _Retryable(f"{path}: {type(exc).__name__}: {_one_line(str(exc)) or 'connection failed'}") from None
+        if resp.status_code >= 400:
+            message = f"HTTP {resp.status_code} on {path}: {_server_message(resp.content)}"
+            if resp.status_code >= 500 or resp.status_code in _RETRY_STATUS:
+                raise _Retryable(message)
+            raise HPDError(f"teacher server {self.url}: {message}")
         try:
-            return json.loads(body)
+            return resp.json()
         except ValueError:
-            raise _Retryable(f"{path}: response is not JSON ({len(body)} bytes)") from None
+            raise _Retryable(f"{path}: response is not JSON ({len(resp.content)} bytes)") from None
 
     def _call(self, method: str, path: str, payload: dict | None, abort: threading.Event, retry: bool = True) -> Any:
         attempts = self.retries + 1 if retry else 1
@@ -294,3 +285,4 @@ class ServerTeacher:
         pool, self._pool = self._pool, None
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
+        self._client.close()
