@@ -10,7 +10,7 @@ the held-out cache (forward KL to the teacher on its top-k, student NLL) and
 on its own samples for held-out prompts scored by the teacher (reverse KL,
 teacher NLL). Reference rows: the pruned student before training, and the
 teacher itself. Rows report mean +- spread (half the range over seeds).
-Writes benchmarks/results/quality.json and quality.md.
+Writes benchmarks/results/quality.json, quality.md and quality.png (every loss's curves).
 """
 
 from __future__ import annotations
@@ -83,7 +83,12 @@ def main() -> None:
     results.mkdir(parents=True, exist_ok=True)
     (results / "quality.json").write_text(json.dumps({"args": vars(args), "steps": base.get("max_steps"), "summary": summary,
                                                      "seconds": round(time.time() - started)}, indent=2))
-    (results / "quality.md").write_text(text + "\n")
+    # One figure of every run's curves (the first seed of each loss), to compare the losses at a glance.
+    from hpd_tools.plot import plot_runs
+
+    figure = plot_runs([str(Path(args.out) / f"{name}-seed{args.seeds[0]}") for name in args.losses], str(results / "quality.png"),
+                       title=f"distill losses on the recipe's data, seed {args.seeds[0]}")
+    (results / "quality.md").write_text(text + f"\n\n![curves]({figure.name})\n")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,22 @@ def _setup_logging(verbose: bool) -> None:
     # vLLM logs to stdout with its own handlers; stdout is for results (the cache
     # location), so route vLLM through our stderr handler, warnings only.
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
-    for name in ("vllm", "httpx", "datasets", "filelock", "urllib3"):
-        logging.getLogger(name).setLevel(logging.DEBUG if verbose and name == "vllm" else logging.WARNING)
+    # Quiet unless -v: what vLLM, transformers, torch and the Hub print at warning
+    # level or below, and their progress bars, says nothing a user can act on (our
+    # own progress lines show the work). Errors still show. transformers reads
+    # its verbosity and huggingface_hub's bar switch when imported, hence the
+    # environment (only set when the user has not set them).
+    quiet = logging.DEBUG if verbose else logging.ERROR
+    for name in ("vllm", "httpx", "httpcore", "datasets", "filelock", "urllib3", "torch", "py.warnings", "huggingface_hub"):
+        logging.getLogger(name).setLevel(quiet)
+    logging.captureWarnings(True)  # warnings.warn(...) from libraries go through "py.warnings", above
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # torch's C++ warnings (NUMA binding, ...)
+        os.environ.setdefault("WANDB_SILENT", "true")  # --report-to wandb: its banner; distill logs the run's place itself
+        os.environ.setdefault("TQDM_DISABLE", "1")  # libraries' own bars (GGUF conversion, ...); hpd_tools.progress passes disable=False
     # vLLM's CPU worker replaces torch.set_num_threads with a function that warns on
     # every call (libraries call it per batch); the warning says nothing to a user.
     for handler in logging.getLogger().handlers:
@@ -107,7 +121,7 @@ class _OneLineErrors(click.Group):
 
 
 @click.group(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging (also vLLM's).")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging, and the warnings and progress bars of vLLM, transformers, torch and the Hub (hidden otherwise).")
 @click.version_option(package_name="hpd-tools")
 def main(verbose: bool) -> None:
     """Distill large language models: cache a teacher's top-k log-probs once, train students from the cache."""
@@ -267,6 +281,7 @@ def cache(ctx: click.Context, config_path: str | None, as_json: bool, **_: Any) 
 @click.option("--fsdp", is_flag=True, default=None, help="Under torchrun: shard the student with FSDP2 instead of replicating it with DDP.")
 @click.option("--pack/--no-pack", default=None, help="Pack sequences end to end (each attends to itself only) instead of padding them. Default: --no-pack.")
 @click.option("--pack-width", default=None, type=int, help="With --pack: tokens per packed row (default: --batch-tokens, one row).")
+@click.option("--report-to", default=None, help="Dashboards beside metrics.jsonl, comma-separated: tensorboard, wandb, none. Default: tensorboard.")
 @click.pass_context
 def distill(ctx: click.Context, config_path: str | None, **_: Any) -> None:
     """Train a student from teacher caches with HPD or a baseline loss."""
@@ -281,6 +296,8 @@ def distill(ctx: click.Context, config_path: str | None, **_: Any) -> None:
             given["caches"] = list(given["caches"])
         if "cache_weights" in given:
             given["cache_weights"] = list(given["cache_weights"])
+        if "report_to" in given:
+            given["report_to"] = [name.strip() for name in given["report_to"].split(",") if name.strip()]
         if "loss_option" in given:
             values["loss_options"] = {**values.get("loss_options", {}), **_parse_engine_args(given.pop("loss_option"), "--loss-option")}
         values.update(given)
@@ -326,6 +343,17 @@ def verify(cache_path: str) -> None:
         click.echo(f"ok: {report.units_checked} units, {report.positions} positions", err=True)
 
     _run(go)
+
+
+@main.command()
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--out", default="curves.png", show_default=True, help="The figure: .png, .pdf or .svg.")
+@click.option("--title", default=None, help="The figure's title (default: the runs' names and losses).")
+def plot(runs: tuple[str, ...], out: str, title: str | None) -> None:
+    """Draw the loss, eval and on-policy curves of distill runs (their --out folders) on one figure."""
+    from .plot import plot_runs
+
+    _run(lambda: click.echo(str(plot_runs(list(runs), out, title))))
 
 
 @main.command(name="list")

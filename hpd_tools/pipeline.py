@@ -14,7 +14,7 @@ Steps, each skipped when its output is already there (so a rerun continues):
    own samples for held-out prompts scored by the teacher (reverse KL,
    teacher NLL), with a few outputs next to the teacher's.
 
-Writes ``report.json`` and ``report.md`` in ``out``.
+Writes ``report.json``, ``report.md`` and ``curves.png`` (the distill run's curves) in ``out``.
 """
 
 from __future__ import annotations
@@ -240,6 +240,10 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
                          **{name: samples[name][i][1] for name in samples}})
     report = {"config": asdict(config), "caches": prep.caches, "metrics": rows, "timings_s": {k: round(v, 1) for k, v in timings.items()}, "examples": examples}
     (out / "report.json").write_text(json.dumps(report, indent=2))
+    from .plot import plot_runs
+
+    report["curves"] = plot_runs([str(run_dir)], str(out / "curves.png"), title="distill: training and held-out curves").name
+    (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(_markdown(report))
     return report
 
@@ -248,6 +252,8 @@ def _markdown(report: dict[str, Any]) -> str:
     lines = ["# Distillation report", "", "| model | held-out fkl (top-k) | student NLL | teacher NLL of data | on-policy rkl | teacher NLL of own samples |", "|---|---|---|---|---|---|"]
     for name, m in report["metrics"].items():
         lines.append(f"| {name} | {m['eval/fkl_topk']:.3f} | {m['eval/student_nll']:.3f} | {m['eval/teacher_nll']:.3f} | {m.get('onpolicy/rkl', float('nan')):.3f} | {m.get('onpolicy/teacher_nll', float('nan')):.3f} |")
+    if report.get("curves"):
+        lines += ["", f"![training and held-out curves]({report['curves']})"]
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items()), ""]
     for ex in report["examples"]:
         lines += ["---", f"**Prompt**: {ex['prompt']}", "", f"**Teacher**: {ex['teacher']}", ""]

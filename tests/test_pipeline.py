@@ -37,6 +37,10 @@ def test_pipeline_on_the_tiny_teacher(trained_teacher, tmp_path):
         for key in ("eval/fkl_topk", "eval/student_nll", "eval/teacher_nll", "onpolicy/rkl", "onpolicy/teacher_nll"):
             assert key in row
     assert (tmp_path / "run" / "report.md").read_text().startswith("# Distillation report")
+    import matplotlib.image as mpimg
+
+    assert "![training and held-out curves](curves.png)" in (tmp_path / "run" / "report.md").read_text()
+    assert mpimg.imread(tmp_path / "run" / "curves.png").shape[0] > 400  # the distill run's curves, drawn
     assert len(report["examples"]) == 2 and report["examples"][0]["teacher"]
     # A rerun finds every step done.
     again = run_pipeline(config)

@@ -61,6 +61,8 @@ class DistillConfig:
     # Pack sequences end to end in rows of pack_width tokens (default batch_tokens: one row) instead of padding them
     pack: bool = False
     pack_width: int = 0
+    # Dashboards beside metrics.jsonl: tensorboard, wandb, or none (hpd_tools/training/metrics.py)
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
 
     def validate(self) -> None:
         """Every option's type, range and combination; each error names the option
@@ -115,6 +117,9 @@ class DistillConfig:
         if self.warmup_steps > self.max_steps:
             raise HPDError(f"--warmup-steps {self.warmup_steps}: must be between 0 and --max-steps {self.max_steps}")
         check_loss_options(self.loss, self.loss_options)
+        from .metrics import check_report_to
+
+        check_report_to(list(self.report_to))
 
 
 # Integer options and their smallest value. --batch-tokens: a sequence longer

@@ -136,6 +136,7 @@ RESUME_MAY_CHANGE = {
     "eval_batches": "evaluation only",
     "save_every": "checkpoints only",
     "log_every": "logging only",
+    "report_to": "logging only",
     "loss_chunk_tokens": "memory only: the chunked loss equals the unchunked one",
     "keep_checkpoints": "checkpoints only",
     "attn_implementation": "how attention is computed, not what: the implementations compute the same function",

@@ -184,7 +184,7 @@ class Training:
             self.meta["run_id"] = marker.get("run_id")
             self._marker = marker
         keep = int(self.saved["metrics_rows"]) if self.saved is not None else (0 if self.config.resume else None)
-        self.metrics = Metrics(self.out, keep)
+        self.metrics = Metrics(self.out, keep, self.config.report_to, run_id=self.meta["run_id"], config=dataclasses.asdict(self.config))
 
     # -- the loop's steps ----------------------------------------------------------
 
