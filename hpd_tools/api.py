@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -68,7 +69,7 @@ def _rank_and_world(rank: int | None, world_size: int | None) -> tuple[int, int]
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         found = torch.distributed.get_rank(), torch.distributed.get_world_size()
     else:  # torchrun sets these before the process group exists
-        found = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        found = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     return (found[0] if rank is None else rank), (found[1] if world_size is None else world_size)
 
 
@@ -173,10 +174,13 @@ class CacheDataset(torch.utils.data.IterableDataset):
             self._step, self._taken = self._prefetch.next_batch(), skip
 
     def close(self) -> None:
-        """Stops the read-ahead thread (iterating again restarts it)."""
+        """Stops the read-ahead thread; iterating again restarts it where the
+        dataset stands (the step read ahead is read again)."""
         if self._prefetch is not None:
+            ahead = self._prefetch.state()
             self._prefetch.close()
             self._prefetch = None
+            self.stream.load_state(ahead)
 
 
 class CacheCollator:
