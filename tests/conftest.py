@@ -128,3 +128,37 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
     full_env = {**os.environ, **(env or {})}
     exe = Path(sys.executable).parent / "hpd-tools"
     return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+# -- distill: one student and two caches of the trained teacher, shared by every
+# module that trains (test_distill, test_dashboards, test_gpu_correctness,
+# test_onpolicy*); tests read them and copy before they damage anything.
+
+def make_student(teacher: Path, out: Path, seed: int = 1) -> Path:
+    """A 1-layer llama student with the teacher's tokenizer, randomly initialised."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(teacher)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
+                         num_key_value_heads=2, head_dim=64, max_position_embeddings=4096, tie_word_embeddings=False,
+                         bos_token_id=0, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def setup(trained_teacher, tmp_path_factory):
+    from hpd_tools import CacheConfig, build_cache
+
+    teacher = trained_teacher
+    root = tmp_path_factory.mktemp("distill")
+    train_data = write_jsonl(root / "train.jsonl", train_records(60))
+    heldout = write_jsonl(root / "heldout.jsonl", [json.loads(line) for line in (ROOT / "data/instructions/heldout.jsonl").read_text().splitlines()][:12])
+    common = dict(teacher=str(teacher), engine="hf", top_k=16, max_length=512, chunk_tokens=1024)
+    train_cache = build_cache(CacheConfig(data=str(train_data), out=str(root / "train-cache"), **common)).location
+    eval_cache = build_cache(CacheConfig(data=str(heldout), out=str(root / "eval-cache"), **common)).location
+    student = make_student(teacher, root / "student")
+    return {"train": train_cache, "eval": eval_cache, "student": student, "root": root}

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import run_cli
-from test_distill import config, setup  # noqa: F401  (the module's tiny caches and student)
+from test_distill import config
 from hpd_tools.distill import train
 from hpd_tools.errors import HPDError
 
@@ -21,7 +21,7 @@ def _rows(run: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def runs(setup, tmp_path_factory):  # noqa: F811
+def runs(setup, tmp_path_factory):
     """Two short runs (hpd and fkl) with eval, reporting to TensorBoard and W&B (offline)."""
     root = tmp_path_factory.mktemp("dashboards")
     mp = pytest.MonkeyPatch()
@@ -96,7 +96,7 @@ def test_plot_draws_two_runs_and_refuses_bad_input_in_one_line(runs, tmp_path):
     (["tensorbord"], "unknown 'tensorbord'"),
     (["none", "wandb"], "'none' goes alone"),
 ])
-def test_bad_report_to_is_one_line_before_anything_loads(setup, tmp_path, report_to, message):  # noqa: F811
+def test_bad_report_to_is_one_line_before_anything_loads(setup, tmp_path, report_to, message):
     with pytest.raises(HPDError, match=message):
         train(config(setup, tmp_path / "run", report_to=report_to))
     assert not (tmp_path / "run").exists()

@@ -16,40 +16,15 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
-from conftest import ROOT, build_tiny_teacher, run_cli, train_records, write_jsonl
+from conftest import ROOT, build_tiny_teacher, make_student, run_cli, train_records, write_jsonl  # noqa: F401  (make_student: other modules import it from here)
 from test_cache import reseal_checksums
-from hpd_tools import CacheConfig, build_cache
 from hpd_tools.cache.reader import CacheReader, collate
 from hpd_tools.distill import DistillConfig, chunked_loss, evaluate, micro_step, to_targets, train
 from hpd_tools.errors import HPDError
 
 CLI = str(Path(sys.executable).parent / "hpd-tools")
-
-
-def make_student(teacher: Path, out: Path, seed: int = 1) -> Path:
-    tok = AutoTokenizer.from_pretrained(teacher)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=128, intermediate_size=256, num_hidden_layers=1, num_attention_heads=2,
-                         num_key_value_heads=2, head_dim=64, max_position_embeddings=4096, tie_word_embeddings=False,
-                         bos_token_id=0, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(seed)
-    LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def setup(trained_teacher, tmp_path_factory):
-    teacher = trained_teacher
-    root = tmp_path_factory.mktemp("distill")
-    train_data = write_jsonl(root / "train.jsonl", train_records(60))
-    heldout = write_jsonl(root / "heldout.jsonl", [json.loads(line) for line in (ROOT / "data/instructions/heldout.jsonl").read_text().splitlines()][:12])
-    common = dict(teacher=str(teacher), engine="hf", top_k=16, max_length=512, chunk_tokens=1024)
-    train_cache = build_cache(CacheConfig(data=str(train_data), out=str(root / "train-cache"), **common)).location
-    eval_cache = build_cache(CacheConfig(data=str(heldout), out=str(root / "eval-cache"), **common)).location
-    student = make_student(teacher, root / "student")
-    return {"train": train_cache, "eval": eval_cache, "student": student, "root": root}
 
 
 def config(setup, out: Path, **kw) -> DistillConfig:

@@ -25,7 +25,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import run_cli
 from test_cache import reseal_checksums
-from test_distill import config, setup  # noqa: F401  (the module-scoped caches and student)
+from test_distill import config
 from test_distributed import torchrun
 from hpd_tools.distill import DistillConfig, chunked_loss, check_online_teacher_placement, resolve_dtype, train
 from hpd_tools.errors import HPDError
@@ -137,7 +137,7 @@ def _tree(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_nonfinite_gradient_norm_stops_before_the_optimizer_steps(setup, tmp_path):  # noqa: F811
+def test_nonfinite_gradient_norm_stops_before_the_optimizer_steps(setup, tmp_path):
     """Teacher log-probs of +60 (a writer bug; checksums resealed): HPD's weight
     exp(lt(y)) ~ 1e26 keeps the loss finite, the gradient's squared norm
     overflows float32. The run stops at that step, before AdamW turns the
@@ -163,7 +163,7 @@ def _losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r}
 
 
-def test_keep_checkpoints_keeps_the_newest_and_resumes_from_them(setup, tmp_path):  # noqa: F811
+def test_keep_checkpoints_keeps_the_newest_and_resumes_from_them(setup, tmp_path):
     run = tmp_path / "run"
     train(config(setup, run, max_steps=5, save_every=1, keep_checkpoints=2))
     assert sorted(p.name for p in run.iterdir() if p.name.startswith("step-")) == ["step-000004", "step-000005"]
@@ -184,7 +184,7 @@ def test_keep_checkpoints_keeps_the_newest_and_resumes_from_them(setup, tmp_path
         config(setup, run, keep_checkpoints=-1).validate()
 
 
-def test_dtype_auto_resolves_once_and_resumes_by_its_resolution(setup, tmp_path, caplog):  # noqa: F811
+def test_dtype_auto_resolves_once_and_resumes_by_its_resolution(setup, tmp_path, caplog):
     assert DistillConfig(caches=["c"], student="s", out="o").dtype == "auto"
     assert resolve_dtype("auto", torch.device("cpu")) == "float32" and resolve_dtype("bfloat16", torch.device("cpu")) == "bfloat16"
     with pytest.raises(HPDError, match=r"^--dtype float16: choose auto, float32, bfloat16"):
@@ -207,7 +207,7 @@ def test_dtype_auto_resolves_once_and_resumes_by_its_resolution(setup, tmp_path,
         train(config(setup, run, max_steps=4, dtype="bfloat16", resume=True))
 
 
-def test_fsdp_with_bfloat16_parameters_trains(setup, tmp_path):  # noqa: F811
+def test_fsdp_with_bfloat16_parameters_trains(setup, tmp_path):
     """Two gloo processes, FSDP2 with MixedPrecisionPolicy(bf16 parameters, fp32
     reductions): the root's float32 teacher inputs stay float32 and training runs."""
     out = tmp_path / "fsdp-bf16"
@@ -221,7 +221,7 @@ def test_fsdp_with_bfloat16_parameters_trains(setup, tmp_path):  # noqa: F811
 
 # -- attention -----------------------------------------------------------------------------------
 
-def test_eager_and_sdpa_train_alike_and_unknown_attention_is_refused(setup, tmp_path, caplog):  # noqa: F811
+def test_eager_and_sdpa_train_alike_and_unknown_attention_is_refused(setup, tmp_path, caplog):
     runs = {}
     for impl in ("eager", "sdpa"):
         with caplog.at_level(logging.INFO, logger="hpd_tools.distill"):
@@ -243,7 +243,7 @@ def test_eager_and_sdpa_train_alike_and_unknown_attention_is_refused(setup, tmp_
 
 # -- the online teacher under torchrun ---------------------------------------------------------
 
-def test_in_process_vllm_online_teacher_is_refused_on_several_ranks(setup, trained_teacher, tmp_path):  # noqa: F811
+def test_in_process_vllm_online_teacher_is_refused_on_several_ranks(setup, trained_teacher, tmp_path):
     common = dict(caches=["c"], student="s", out="o", sample_every=2)
     two = World(rank=0, world_size=2)
     with pytest.raises(HPDError, match=r"^--online-teacher /t --online-engine vllm: under torchrun \(2 processes\) .* give --online-teacher URL .* or --online-engine hf$"):

@@ -11,7 +11,7 @@ import pytest
 from conftest import run_cli
 from hpd_tools.distill import train
 from hpd_tools.errors import HPDError
-from test_distill import config, setup  # noqa: F401  (module fixture: trained teacher, caches, student)
+from test_distill import config
 
 
 def rounds(out: Path) -> list[dict]:

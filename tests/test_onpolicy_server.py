@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from hpd_tools.distill import train
-from test_distill import config, setup  # noqa: F401  (module fixture: trained teacher, caches, student)
+from test_distill import config
 from test_server_engine import VLLMServer
 
 HERE = Path(__file__).parent
