@@ -103,9 +103,12 @@ def resolve_model(name: str, revision: str | None = None, flag: str = "--teacher
     path = Path(name).expanduser()
     if path.is_dir():
         origin = hub_origin(path)
-        if revision is not None and (origin is None or _ref_commit(path.parent.parent, revision) != origin[1]):
+        if revision is not None and origin is None:
             raise HPDError(f"--revision {revision}: {flag} {name} is a local folder, which has no revisions to choose; "
                            "drop --revision, or give the Hub id instead of the folder")
+        if revision is not None and _ref_commit(path.parent.parent, revision) != origin[1]:
+            raise HPDError(f"--revision {revision}: {flag} {name} is the snapshot of {origin[0]} at commit {origin[1][:12]}, not {revision}; "
+                           f"give {flag} {origin[0]} --revision {revision}, or drop --revision")
         return path, origin[1] if origin else None
     if path.exists():
         raise HPDError(f"{flag} {name}: a file, not a model folder; give a Hugging Face model folder (config.json + weights) or a Hub id (org/name)")

@@ -87,10 +87,12 @@ def test_resolve_ids_revisions_and_folders(offline, teacher):
     (REPO, "v3", "--teacher", ["--revision v3: org/tiny-llama has no such revision", "cached: main, v2"]),
     ("./no/such/folder", None, "--student", ["--student ./no/such/folder: no such folder, and not a Hugging Face Hub id (org/name)"]),
     ("{teacher}", "main", "--teacher", ["--revision main:", "is a local folder"]),
+    ("{snapshot_a}", "v2", "--teacher", ["--revision v2:", "is the snapshot of org/tiny-llama at commit aaaaaaaaaaaa, not v2",
+                                        "give --teacher org/tiny-llama --revision v2"]),
 ])
 def test_refusals_are_one_line(offline, teacher, name, revision, flag, fragments):
     with pytest.raises(HPDError) as info:
-        resolve_model(name.format(teacher=teacher), revision, flag)
+        resolve_model(name.format(teacher=teacher, snapshot_a=_snapshot(offline, COMMIT_A)), revision, flag)
     message = str(info.value)
     assert "\n" not in message
     for fragment in fragments:
@@ -125,13 +127,12 @@ def test_cache_from_hub_id_offline_and_main_moving_on(offline, teacher, data, ca
     assert key(teacher=str(teacher)) not in (summary["key"], other)
 
 
-def test_uncached_id_offline_is_one_line_and_writes_nothing(offline, data, cache_home):
-    env = {"HF_HOME": str(offline), "HF_HUB_OFFLINE": "1", "HPD_CACHE_HOME": str(cache_home)}
-    proc = run_cli("cache", "--teacher", "org/elsewhere", "--data", str(data), *COMMON, env=env)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("error: --teacher org/elsewhere: no such folder, and the Hub model org/elsewhere is not in the Hugging Face cache"), line
+def test_uncached_id_offline_writes_nothing(offline, data, cache_home):
+    """The refusal in-process (the CLI prints HPDError as its one line, exit 2: tests/test_cli.py)."""
+    with pytest.raises(HPDError, match=r"^--teacher org/elsewhere: no such folder, and the Hub model org/elsewhere is not in the Hugging Face cache"):
+        build_cache(CacheConfig(teacher="org/elsewhere", data=str(data), engine="hf", top_k=8))
     assert not cache_home.exists() or not any(cache_home.iterdir())
+    assert not (offline / "hub" / "models--org--elsewhere").exists()
 
 
 def _with_config(teacher: Path, out: Path, config_edit=None, tokenizer_edit=None) -> Path:
