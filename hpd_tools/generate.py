@@ -134,11 +134,11 @@ def start_vllm(teacher: str, *, seed: int = 0, max_model_len: int | None = None,
     import vllm
     from vllm import LLM
 
-    from .engines.vllm import check_vllm_version
+    from .engines.vllm import check_vllm_version, quiet_load_args
 
     check_vllm_version(vllm.__version__)  # the same releases as the cache engine (the gpu extra's range)
 
-    args = {"model": teacher, "seed": seed, **({"dtype": "float32"} if not torch.cuda.is_available() else {})}
+    args = {"model": teacher, "seed": seed, **({"dtype": "float32"} if not torch.cuda.is_available() else {}), **quiet_load_args()}
     if max_model_len:
         args["max_model_len"] = max_model_len
     args.update(engine_args or {})

@@ -16,10 +16,7 @@ import logging
 import sys
 import time
 
-from tqdm import tqdm
-
 log = logging.getLogger("hpd_tools.progress")
-tqdm.monitor_interval = 0  # no monitor thread: the bar is updated from the work itself
 
 
 class _ToLog:
@@ -36,6 +33,11 @@ class _ToLog:
 
 class Progress:
     def __init__(self, total: int, unit: str, desc: str, interval: float | None = None):
+        # Imported here: tqdm reads its TQDM_* environment defaults when imported,
+        # and the CLI sets TQDM_DISABLE (for libraries' bars) once it has parsed -v.
+        from tqdm import tqdm
+
+        tqdm.monitor_interval = 0  # no monitor thread: the bar is updated from the work itself
         self.tty = sys.stderr.isatty()
         self.desc = desc
         self.bar = tqdm(total=total, disable=False, unit=f" {unit}", desc=desc, file=sys.stderr if self.tty else _ToLog(), ascii=not self.tty,

@@ -67,6 +67,14 @@ SUPPORTED_VLLM = ">=0.12,<0.33"
 LOGITS_BUDGET_BYTES = 2 * 2**30
 
 
+def quiet_load_args() -> dict[str, Any]:
+    """vLLM's weight-loading bars off unless vLLM's logger shows INFO (the CLI's -v):
+    vLLM passes ``disable`` to tqdm itself, so TQDM_DISABLE does not reach them."""
+    import logging
+
+    return {} if logging.getLogger("vllm").isEnabledFor(logging.INFO) else {"use_tqdm_on_load": False}
+
+
 def check_vllm_version(version: str) -> None:
     """One line naming the installed and the supported versions when ``version``
     is outside :data:`SUPPORTED_VLLM` (pre-releases and local builds of a
@@ -257,6 +265,7 @@ class VLLMTeacher:
             max_model_len=max_length + 1,
             seed=seed,
             enable_prefix_caching=False,
+            **quiet_load_args(),
         )
         args.update(engine_args or {})
         args.update(scoring_batch_args(model_dir, args, max_length + 1))
