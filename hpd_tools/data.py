@@ -444,6 +444,9 @@ class DataSource:
                 if "config.json" in names and any(n.endswith((".safetensors", ".bin", ".gguf")) for n in names):
                     raise DataError(f"--data {self.path}: a model folder (config.json and weights), not a saved `datasets` folder or a dataset "
                                     "repository; give the data: a JSONL, JSON or Parquet file, or a dataset folder")
+                if "zarr.json" in names:  # its metadata files are JSON: never read them as records
+                    raise DataError(f"--data {self.path}: a Zarr store (an hpd-tools cache), not data; give the records the cache was made from "
+                                    "(distill takes caches with --cache)")
                 self.repo = not _is_saved_dataset(names) and _has_data_files(self.path)
             else:
                 self.repo = False

@@ -64,6 +64,11 @@ def test_repository_folder_splits_and_max_records(repo, tok, tmp_path):
         read_examples(repo, tok, max_length=BIG, data_config="other")
     with pytest.raises(DataError, match=r"^--data-split test: --data .*plain.jsonl is a single file, with no splits"):
         read_examples(tmp_path / "plain.jsonl", tok, max_length=BIG, split="test")
+    # Folders of JSON that are not data: a model, a cache.
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "zarr.json").write_text("{}")
+    with pytest.raises(DataError, match=r"^--data .*cache: a Zarr store \(an hpd-tools cache\), not data"):
+        read_examples(tmp_path / "cache", tok, max_length=BIG)
 
 
 def test_repository_configurations_from_the_card(tok, tmp_path):
