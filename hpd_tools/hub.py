@@ -116,7 +116,13 @@ def resolve_model(name: str, revision: str | None = None, flag: str = "--teacher
         raise HPDError(f"{flag} {name}: no such folder, and not a Hugging Face Hub id (org/name); give a model folder (config.json + weights) or a Hub id")
 
     from huggingface_hub import errors, snapshot_download
-    from huggingface_hub.errors import GatedRepoError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
     # Raised by recent huggingface_hub releases for a snapshot an interrupted download left short.
     IncompleteSnapshotError = getattr(errors, "IncompleteSnapshotError", ())
