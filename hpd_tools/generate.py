@@ -83,7 +83,6 @@ def generate_responses(config: GenerateConfig, llm: Any = None) -> dict[str, Any
 
     config = dataclasses.replace(config, teacher=local_model(config.teacher, config.revision, "--teacher"))
     source = DataSource(config.data, config.data_split, config.data_config)
-    path = source.path
     check_output_file(config.out, "--out", inputs=[("--data", None if source.hub else config.data), ("--teacher", config.teacher)])
     tokenizer = AutoTokenizer.from_pretrained(config.teacher)
     if not getattr(tokenizer, "chat_template", None):
