@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import logging
 import os
 import sys
+import types
+import typing
 from pathlib import Path
 from typing import Any, Callable
 
@@ -145,67 +149,134 @@ def _print_summary(summary: dict[str, Any]) -> None:
     click.echo("\n".join(lines), err=True)
 
 
-def _explicit(ctx: click.Context) -> dict[str, Any]:
-    """Options given on the command line (not defaults): they override a --config file."""
+class _FieldOption(click.Option):
+    """The flag of one config field; ``path`` is the field's name, or a nested
+    dataclass field's name and its own (``fields.messages``: --messages-field)."""
+
+    def __init__(self, decls: list[str], path: tuple[str, ...], kind: str, **kwargs: Any) -> None:
+        super().__init__(decls, **kwargs)
+        self.path, self.kind = path, kind
+
+    def to_field(self, value: Any) -> Any:
+        """The field's value for the value click parsed from this flag."""
+        if self.kind == "list":
+            return list(value)
+        if self.kind == "comma":
+            return [name.strip() for name in value.split(",") if name.strip()]
+        if self.kind == "pairs":
+            return _parse_engine_args(value, self.opts[0])
+        return value
+
+
+def _field_options(cls: type, command_defaults: dict[str, Any]) -> list[click.Option]:
+    """A flag for each field of the config dataclass ``cls``, its help and default
+    taken from the field (hpd_tools.config.option says how each is spelt).
+    ``command_defaults``: the command's values for fields the library requires."""
+    hints = typing.get_type_hints(cls)
+    options: list[click.Option] = []
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType):  # X | None: a flag of X whose default is None
+            hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        else:
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else command_defaults.get(f.name)
+        flag, help_, form = f.metadata.get("flag") or "--" + f.name.replace("_", "-"), f.metadata.get("help"), f.metadata.get("form")
+        if dataclasses.is_dataclass(hint):
+            for sub in dataclasses.fields(hint):
+                options.append(_FieldOption([flag.format(sub.name.replace("_", "-")), f"{f.name}__{sub.name}"], (f.name, sub.name), "value",
+                                            default=getattr(default, sub.name), show_default=True, help=(help_ or {}).get(sub.name)))
+            continue
+        kind, kwargs = "value", {}
+        if hint is bool:  # --x (sets true), --no-x (sets a true field false), or --x/--no-x
+            kwargs = {} if "/" in flag else {"is_flag": True, "flag_value": not flag.startswith("--no-")}
+        elif origin is dict:
+            kind, kwargs = "pairs", {"multiple": True, "metavar": "KEY=VALUE"}
+            default = tuple(f"{key}={json.dumps(value)}" for key, value in default.items())
+        elif origin is list and form == "comma":
+            kind, default = "comma", ",".join(default)
+        elif origin is list:
+            kind, kwargs, default = "list", {"multiple": True, "type": args[0]}, tuple(default or ())
+        elif form == "I/N":
+            kwargs, default = {"callback": _parse_shard, "metavar": "I/N"}, "/".join(map(str, default))
+        elif origin is tuple:
+            kwargs = {"nargs": len(args), "type": args[0]}
+        elif f.metadata.get("choices"):
+            kwargs = {"type": click.Choice(f.metadata["choices"])}
+        else:
+            kwargs = {"type": hint}
+        shown = default not in (None, (), "") and not kwargs.get("is_flag")
+        options.append(_FieldOption([flag, f.name], (f.name,), kind, default=default, show_default=shown, help=help_, **kwargs))
+    return options
+
+
+class _ConfigCommand(click.Command):
+    """A command with a flag for each field of a config dataclass (``config``,
+    "module:Class") besides its own options. The flags are made when first asked
+    for, so that the dataclass's import (torch, for distill) is paid by its
+    command only, not by `hpd-tools info` or `--help`."""
+
+    def __init__(self, *args: Any, config: str, command_defaults: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        self.config, self.command_defaults = config, command_defaults or {}
+        super().__init__(*args, **kwargs)
+
+    @property  # type: ignore[override]
+    def params(self) -> list[click.Parameter]:
+        if self._params is None:
+            module, _, name = self.config.partition(":")
+            fields = _field_options(getattr(importlib.import_module(module, __package__), name), self.command_defaults)
+            first = [p for p in self._own if p.name == "config_path"]
+            self._params = first + fields + [p for p in self._own if p not in first]
+        return self._params
+
+    @params.setter
+    def params(self, value: list[click.Parameter]) -> None:
+        self._own, self._params = list(value), None
+
+
+def _recipe_and_flags(ctx: click.Context, config_path: str | None) -> dict[str, Any]:
+    """The --config recipe's values, with the field flags given on the command line
+    over them (mappings, such as --vllm-arg's, merged key by key)."""
     from click.core import ParameterSource
 
-    return {name: value for name, value in ctx.params.items() if ctx.get_parameter_source(name) == ParameterSource.COMMANDLINE}
+    from .config import load_yaml
+
+    values = load_yaml(config_path) if config_path else {}
+    for option in ctx.command.get_params(ctx):
+        if not isinstance(option, _FieldOption) or ctx.get_parameter_source(option.name) != ParameterSource.COMMANDLINE:
+            continue
+        name, value = option.path[0], option.to_field(ctx.params[option.name])
+        if len(option.path) == 2:
+            value = {option.path[1]: value}
+        if isinstance(value, dict):
+            value = {**(values[name] if isinstance(values.get(name), dict) else {}), **value}
+        values[name] = value
+    return values
 
 
-@main.command()
+CACHE_DEFAULTS = {"teacher": DEFAULT_TEACHER, "data": DEFAULT_DATA}
+
+
+@main.command(cls=_ConfigCommand, config=".cache:CacheConfig", command_defaults=CACHE_DEFAULTS)
 @click.option("--config", "config_path", default=None, help="YAML recipe with CacheConfig fields; options given here override it.")
-@click.option("--teacher", default=DEFAULT_TEACHER, show_default=True, help="Teacher: a model folder, a Hugging Face Hub id (org/name), or the packaged teacher's name.")
-@click.option("--revision", default=None, help="The Hub teacher's branch, tag or commit (default: its default branch); the cache key holds the commit.")
-@click.option("--data", default=DEFAULT_DATA, show_default=True, help="JSONL, JSON, Parquet, a dataset folder (data files or save_to_disk) or a Hub dataset id.")
-@click.option("--data-split", default=None, help="Split of a dataset folder or Hub dataset (default: train).")
-@click.option("--data-config", default=None, help="Configuration of a dataset folder or Hub dataset (datasets' name=).")
-@click.option("--max-records", default=0, show_default=True, help="Read only the first N records (0: all).")
-@click.option("--top-k", default=64, show_default=True, help="Teacher top-k entries stored per response token.")
-@click.option("--max-length", default=None, type=int, help="Records longer than this many tokens are truncated (default: 2048, or less to fit the teacher's context).")
-@click.option("--engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True, help="vllm (fast) or hf (transformers, the reference).")
-@click.option("--out", default=None, help="Cache location: a folder or an fsspec URL (s3://bucket/prefix). Default: the cache root ($HPD_CACHE_HOME, a folder or URL), named by the cache key.")
-@click.option("--shard", default="0/1", show_default=True, callback=_parse_shard, help="I/N: this writer fills units u with u mod N == I; N writers fill one cache.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True, help="Teacher dtype (auto: float32 on CPU, the model's dtype on GPU).")
-@click.option("--strict", is_flag=True, default=False, help="Stop at the first bad record instead of skipping it.")
-@click.option("--chunk-tokens", default=16384, show_default=True, help="Positions per chunk: the unit of writing, resuming and sharding.")
-@click.option("--batch-tokens", default=8192, show_default=True, help="Tokens per teacher call.")
-@click.option("--no-reuse", is_flag=True, default=False, help="Score every record, even those another cache of this teacher already holds.")
-@click.option("--messages-field", default="messages", show_default=True)
-@click.option("--prompt-field", default="prompt", show_default=True)
-@click.option("--response-field", default="response", show_default=True)
-@click.option("--conversations-field", default="conversations", show_default=True, help="ShareGPT turns ({from, value}); roles: hpd_tools.data.SHAREGPT_ROLES.")
-@click.option("--vllm-arg", multiple=True, help="KEY=VALUE passed to vllm.LLM (e.g. tensor_parallel_size=8). Repeatable.")
-@click.option("--seed", default=0, show_default=True, help="Engine seed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout instead of the location.")
 @click.option("--workers", default=1, show_default=True, help="Start this many shard writers (subprocesses) of this cache or --shard and wait for them; one per GPU when GPUs are visible.")
 @click.option("--gpus-per-worker", default=None, type=int, help="GPUs each --workers writer gets (default: the tensor_parallel_size --vllm-arg, else 1).")
 @click.pass_context
-def cache(ctx: click.Context, config_path: str | None, as_json: bool, **_: Any) -> None:
+def cache(ctx: click.Context, config_path: str | None, as_json: bool, workers: int, gpus_per_worker: int | None, **_: Any) -> None:
     """Run the teacher over a dataset once and store its top-k log-probs in a cache.
 
     Prints the cache location. Rerunning the same command reuses a complete
     cache and continues an interrupted one.
     """
     from .cache import CacheConfig, build_cache
-    from .config import build, load_yaml
+    from .config import build
     from .models import resolve_teacher
 
     def go() -> None:
-        values = load_yaml(config_path) if config_path else {}
-        given = _explicit(ctx)
-        given.pop("config_path", None)
-        given.pop("as_json", None)
-        fields = {k.removesuffix("_field"): given.pop(k) for k in ("messages_field", "prompt_field", "response_field", "conversations_field") if k in given}
-        if fields:
-            values["fields"] = {**values.get("fields", {}), **fields}
-        if "no_reuse" in given:
-            values["reuse"] = not given.pop("no_reuse")
-        if "vllm_arg" in given:
-            values["engine_args"] = {**values.get("engine_args", {}), **_parse_engine_args(given.pop("vllm_arg"))}
-        workers, gpus_per_worker = given.pop("workers", 1), given.pop("gpus_per_worker", None)
-        values.update(given)
-        values.setdefault("teacher", DEFAULT_TEACHER)
-        values.setdefault("data", DEFAULT_DATA)
+        values = {**CACHE_DEFAULTS, **_recipe_and_flags(ctx, config_path)}
         config = build(CacheConfig, values, where=f"--config {config_path}" if config_path else "cache options")
         if workers < 1:
             raise HPDError(f"--workers {workers}: must be at least 1")
@@ -240,70 +311,19 @@ def cache(ctx: click.Context, config_path: str | None, as_json: bool, **_: Any) 
     _run(go)
 
 
-@main.command()
+@main.command(cls=_ConfigCommand, config=".distill:DistillConfig")
 @click.option("--config", "config_path", default=None, help="YAML recipe with DistillConfig fields; options given here override it.")
-@click.option("--cache", "caches", multiple=True, help="Teacher cache to train on. Repeat to mix several.")
-@click.option("--cache-weight", "cache_weights", multiple=True, type=float, help="Sampling weight of each --cache, in order.")
-@click.option("--student", default=None, help="Student: a model folder or a Hugging Face Hub id (any transformers causal LM).")
-@click.option("--out", default=None, help="Run folder: metrics.jsonl, checkpoints, final/. New, empty, or an earlier run (with --resume).")
-@click.option("--loss", type=click.Choice(["hpd", "sft", "fkl", "rkl", "jsd", "akl"]), default="hpd", show_default=True)
-@click.option("--loss-option", multiple=True, help="KEY=VALUE passed to the loss (e.g. tail=renormalize, beta=0.5). Repeatable.")
-@click.option("--max-steps", default=100, show_default=True)
-@click.option("--batch-tokens", default=4096, show_default=True, help="Padded tokens per micro-batch.")
-@click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step.")
-@click.option("--lr", default=5e-5, show_default=True)
-@click.option("--min-lr-ratio", default=0.1, show_default=True, help="The cosine schedule's final learning rate, as a share of --lr.")
-@click.option("--warmup-steps", default=0, show_default=True)
-@click.option("--weight-decay", default=0.0, show_default=True, help="AdamW weight decay.")
-@click.option("--betas", nargs=2, type=float, default=(0.9, 0.95), show_default=True, help="AdamW betas: two numbers in [0, 1).")
-@click.option("--max-grad-norm", default=1.0, show_default=True, help="Gradients are clipped to this norm.")
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16"]), default="auto", show_default=True,
-              help="The student's forward precision: auto is bfloat16 autocast on CUDA GPUs with bf16, float32 elsewhere (TF32 matmuls on CUDA). Weights stay float32.")
-@click.option("--attn-implementation", default=None, help="The student's attention, as transformers names it (sdpa, eager, flash_attention_2, ...). Default: transformers' choice.")
-@click.option("--loss-chunk-tokens", default=1024, show_default=True, help="Tokens whose [tokens, vocab] logits exist at once.")
-@click.option("--eval-cache", default=None, help="Held-out cache for eval metrics.")
-@click.option("--eval-every", default=0, show_default=True, help="Steps between evals (0: only with --eval-cache at the end).")
-@click.option("--eval-batches", default=0, show_default=True, help="Batches of --eval-cache per eval (0: all of it).")
-@click.option("--save-every", default=0, show_default=True, help="Steps between checkpoints (0: only the final one).")
-@click.option("--keep-checkpoints", default=0, show_default=True, help="Keep the newest N step-* checkpoints, deleting older ones after each save (0: keep all).")
-@click.option("--log-every", default=1, show_default=True, help="Steps between metrics rows.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--resume", is_flag=True, default=False, help="Continue from the latest checkpoint in --out (with the options it was trained with).")
-@click.option("--online-teacher", default=None, help="On-policy scorer: a model folder or Hub id (in-process), or the URL of a running vLLM server.")
-@click.option("--online-engine", type=click.Choice(["vllm", "hf"]), default="vllm", show_default=True, help="Engine for a folder --online-teacher.")
-@click.option("--sample-every", default=0, show_default=True, help="Steps between on-policy rounds (0: none).")
-@click.option("--sample-prompts", default=8, show_default=True, help="Prompts per round.")
-@click.option("--sample-max-new-tokens", default=64, show_default=True)
-@click.option("--sample-temperature", default=1.0, show_default=True)
-@click.option("--onpolicy-weight", default=0.5, show_default=True, help="Share of each step's loss from rollouts.")
-@click.option("--onpolicy-buffer", default=64, show_default=True, help="Scored rollouts kept and reused.")
-@click.option("--prompt-cache", default=None, help="Cache whose prompts are sampled from (default: the first --cache).")
-@click.option("--fsdp", is_flag=True, default=None, help="Under torchrun: shard the student with FSDP2 instead of replicating it with DDP.")
-@click.option("--pack/--no-pack", default=None, help="Pack sequences end to end (each attends to itself only) instead of padding them. Default: --no-pack.")
-@click.option("--pack-width", default=None, type=int, help="With --pack: tokens per packed row (default: --batch-tokens, one row).")
-@click.option("--report-to", default=None, help="Dashboards beside metrics.jsonl, comma-separated: tensorboard, wandb, none. Default: tensorboard.")
 @click.pass_context
 def distill(ctx: click.Context, config_path: str | None, **_: Any) -> None:
     """Train a student from teacher caches with HPD or a baseline loss."""
-    from .config import build, load_yaml
+    from .config import build, flag_of
     from .distill import DistillConfig, train
 
     def go() -> None:
-        values = load_yaml(config_path) if config_path else {}
-        given = _explicit(ctx)
-        given.pop("config_path", None)
-        if "caches" in given:
-            given["caches"] = list(given["caches"])
-        if "cache_weights" in given:
-            given["cache_weights"] = list(given["cache_weights"])
-        if "report_to" in given:
-            given["report_to"] = [name.strip() for name in given["report_to"].split(",") if name.strip()]
-        if "loss_option" in given:
-            values["loss_options"] = {**values.get("loss_options", {}), **_parse_engine_args(given.pop("loss_option"), "--loss-option")}
-        values.update(given)
-        for required in ("caches", "student", "out"):
-            if not values.get(required):
-                raise HPDError(f"--{required.rstrip('s')}: required (on the command line or in --config)")
+        values = _recipe_and_flags(ctx, config_path)
+        for f in dataclasses.fields(DistillConfig):
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and not values.get(f.name):
+                raise HPDError(f"{flag_of(DistillConfig, f.name)}: required (on the command line or in --config)")
         config = build(DistillConfig, values, where=f"--config {config_path}" if config_path else "distill options")
         last = train(config)
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 reports for all

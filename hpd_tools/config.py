@@ -1,5 +1,6 @@
-"""YAML recipes onto typed config dataclasses, strictly: an unknown key is an error
-that names itself, and values are checked against the field's type."""
+"""The config dataclasses' fields and their command-line flags in one place
+(``option``), and YAML recipes onto those dataclasses, strictly: an unknown key
+is an error that names itself, and values are checked against the field's type."""
 
 from __future__ import annotations
 
@@ -7,13 +8,46 @@ import dataclasses
 import types
 import typing
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Sequence, TypeVar
 
 import yaml
 
 from .errors import HPDError
 
 T = TypeVar("T")
+
+
+def option(default: Any = dataclasses.MISSING, *, help: str | dict[str, str], flag: str | None = None, choices: Sequence[str] | None = None,
+           default_factory: Any = dataclasses.MISSING, form: str | None = None) -> Any:
+    """A config field that is also a flag of its command (hpd_tools/cli.py makes
+    the flags from these fields, so each field's help and default live here only).
+
+    ``flag``: the flag where it is not ``--`` and the name with dashes: ``--cache``
+    for ``caches``, ``--no-reuse`` for a flag that turns a true field off,
+    ``--pack/--no-pack`` for both spellings, ``--{}-field`` for the flags of a
+    nested dataclass's fields (``help`` is then one text per nested field).
+    ``choices``: the values the field takes, offered by the CLI and checked by
+    ``check_choices``. ``form="comma"``: a list written ``a,b`` in one flag.
+    A list is a repeatable flag, a dict a repeatable ``KEY=VALUE`` flag, a
+    two-number tuple a flag of two values."""
+    metadata = {"help": help, "flag": flag, "choices": tuple(choices) if choices else None, "form": form}
+    return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
+
+
+def flag_of(cls: type, name: str) -> str:
+    """The flag of field ``name`` of ``cls`` as the command line spells it (errors name it)."""
+    flag = next(f for f in dataclasses.fields(cls) if f.name == name).metadata.get("flag")
+    return (flag or "--" + name.replace("_", "-")).split("/")[0]
+
+
+def check_choices(config: Any) -> None:
+    """Each field declared with ``choices`` holds one of them (recipes and Python
+    callers reach here without the CLI's check)."""
+    for f in dataclasses.fields(config):
+        choices = f.metadata.get("choices")
+        value = getattr(config, f.name)
+        if choices and value not in choices:
+            raise HPDError(f"{flag_of(type(config), f.name)} {value}: choose {', '.join(choices)}")
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

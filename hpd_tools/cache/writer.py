@@ -78,6 +78,7 @@ from typing import Any
 
 import numpy as np
 
+from ..config import check_choices, option
 from ..data import Fields, read_examples
 from ..engines.base import TeacherEngine
 from ..errors import HPDError
@@ -95,32 +96,43 @@ log = logging.getLogger(__name__)
 class CacheConfig:
     """Everything ``hpd-tools cache`` takes. Fields that change the content are in the key."""
 
-    teacher: str  # a model folder or a Hub id (hpd_tools.hub)
-    data: str  # a file, a folder (saved or a dataset repository) or a Hub dataset id (hpd_tools.data)
-    top_k: int = 64
+    teacher: str = option(help="Teacher: a model folder, a Hugging Face Hub id (org/name), or the packaged teacher's name.")
+    data: str = option(help="JSONL, JSON, Parquet, a dataset folder (data files or save_to_disk) or a Hub dataset id.")
+    top_k: int = option(64, help="Teacher top-k entries stored per response token.")
     # None: the smaller of 2048 and the teacher's context (resolved before the key).
-    max_length: int | None = None
-    engine: str = "vllm"
-    out: str | None = None
-    shard: tuple[int, int] = (0, 1)
-    dtype: str = "auto"
-    strict: bool = False
-    fields: Fields = field(default_factory=Fields)
-    chunk_tokens: int = 16384
-    batch_tokens: int = 8192
-    reuse: bool = True
-    seed: int = 0
-    engine_args: dict[str, Any] = field(default_factory=dict)
-    # Threads that code, compress and write finished units while the teacher scores
-    # (0: in the scoring thread), and the units held in memory at once, from claim to
-    # marker, half of them per teacher window (module docstring: "Pipelining").
-    # write_threads=0, units_in_flight=1 is the serial path.
-    write_threads: int = 2
-    units_in_flight: int = 16
-    revision: str | None = None  # the Hub teacher's branch, tag or commit (None: its default branch)
-    data_split: str | None = None  # None: "train", or the only split
-    data_config: str | None = None  # a dataset repository's configuration (datasets' ``name``)
-    max_records: int = 0  # read at most this many records (0: all)
+    max_length: int | None = option(None,
+                                    help="Records longer than this many tokens are truncated "
+                                         "(default: 2048, or less to fit the teacher's context).")
+    engine: str = option("vllm", choices=("vllm", "hf"), help="vllm (fast) or hf (transformers, the reference).")
+    out: str | None = option(None, help="Cache location: a folder or an fsspec URL (s3://bucket/prefix). "
+                             "Default: the cache root ($HPD_CACHE_HOME, a folder or URL), named by the cache key.")
+    shard: tuple[int, int] = option((0, 1), form="I/N", help="I/N: this writer fills units u with u mod N == I; N writers fill one cache.")
+    dtype: str = option("auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="Teacher dtype (auto: float32 on CPU, the model's dtype on GPU).")
+    strict: bool = option(False, help="Stop at the first bad record instead of skipping it.")
+    fields: Fields = option(default_factory=Fields, flag="--{}-field", help={
+        "messages": "The records' field of chat turns ({role, content}).",
+        "prompt": "The records' prompt field (with --response-field).",
+        "response": "The records' response field.",
+        "conversations": "The records' field of ShareGPT turns ({from, value}); roles: hpd_tools.data.SHAREGPT_ROLES."})
+    chunk_tokens: int = option(16384, help="Positions per chunk: the unit of writing, resuming and sharding.")
+    batch_tokens: int = option(8192, help="Tokens per teacher call.")
+    reuse: bool = option(True, flag="--no-reuse", help="Score every record, even those another cache of this teacher already holds.")
+    seed: int = option(0, help="Engine seed.")
+    engine_args: dict[str, Any] = option(default_factory=dict, flag="--vllm-arg",
+                                         help="KEY=VALUE passed to vllm.LLM (e.g. tensor_parallel_size=8). Repeatable.")
+    # Module docstring, "Pipelining"; write_threads=0, units_in_flight=1 is the serial path.
+    write_threads: int = option(2,
+                                help="Threads that code, compress and write finished units while the teacher scores "
+                                     "(0: the scoring thread).")
+    units_in_flight: int = option(16,
+                                  help="Units held in memory at once, claim to marker; the teacher scores half of them per call window.")
+    revision: str | None = option(None,
+                                  help="The Hub teacher's branch, tag or commit (default: its default branch); "
+                                       "the cache key holds the commit.")
+    data_split: str | None = option(None, help="Split of a dataset folder or Hub dataset (default: train, or the only split).")
+    data_config: str | None = option(None, help="Configuration of a dataset folder or Hub dataset (datasets' name=).")
+    max_records: int = option(0, help="Read only the first N records (0: all).")
 
     def validate(self) -> None:
         index, count = self.shard
@@ -138,13 +150,12 @@ class CacheConfig:
         if self.batch_tokens < 1:
             raise HPDError(f"--batch-tokens {self.batch_tokens}: must be at least 1 (tokens per teacher call; a longer sequence goes alone)")
         if self.write_threads < 0:
-            raise HPDError(f"write_threads {self.write_threads}: must be 0 or more (0 writes in the scoring thread)")
+            raise HPDError(f"--write-threads {self.write_threads}: must be 0 or more (0 writes in the scoring thread)")
         if self.units_in_flight < 1:
-            raise HPDError(f"units_in_flight {self.units_in_flight}: must be at least 1")
+            raise HPDError(f"--units-in-flight {self.units_in_flight}: must be at least 1")
         if self.seed < 0:
             raise HPDError(f"--seed {self.seed}: must be 0 or more")
-        if self.engine not in ("vllm", "hf"):
-            raise HPDError(f"--engine {self.engine}: choose vllm or hf")
+        check_choices(self)  # --engine, --dtype
         try:  # the ids range over the teacher's vocabulary; cheap to know before any other work
             teacher_config = json.loads((Path(self.teacher) / "config.json").read_text())
             vocab_size = int(teacher_config.get("vocab_size") or (teacher_config.get("text_config") or {}).get("vocab_size") or 0)

@@ -6,71 +6,82 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ..config import check_choices, flag_of, option
 from ..errors import HPDError
 from ..losses import LOSSES, Targets, compute_loss
+
+DTYPES = ("auto", "float32", "bfloat16")
 
 
 @dataclass
 class DistillConfig:
     """Everything ``hpd-tools distill`` takes (recipes/*.yaml map onto it)."""
 
-    caches: list[str]
-    student: str
-    out: str
-    cache_weights: list[float] = field(default_factory=list)
-    loss: str = "hpd"
-    loss_options: dict[str, Any] = field(default_factory=dict)
-    max_steps: int = 100
-    batch_tokens: int = 4096
-    grad_accum: int = 1
-    lr: float = 5e-5
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    max_grad_norm: float = 1.0
-    dtype: str = "auto"  # auto (bfloat16 autocast on CUDA with bf16, else float32), float32 or bfloat16; the weights stay float32
-    attn_implementation: str | None = None  # the student's attention (transformers' attn_implementation); None: transformers' default
-    loss_chunk_tokens: int = 1024
-    eval_cache: str | None = None
-    eval_every: int = 0  # 0: eval once, at the end
-    eval_batches: int = 0  # 0: the whole eval cache
-    save_every: int = 0
-    keep_checkpoints: int = 0  # the newest N complete step-* checkpoints are kept; 0: all
-    log_every: int = 1
-    seed: int = 0
-    resume: bool = False
+    caches: list[str] = option(flag="--cache", help="Teacher cache to train on. Repeat to mix several.")
+    student: str = option(help="Student: a model folder or a Hugging Face Hub id (any transformers causal LM).")
+    out: str = option(help="Run folder: metrics.jsonl, checkpoints, final/. New, empty, or an earlier run (with --resume).")
+    cache_weights: list[float] = option(default_factory=list, flag="--cache-weight",
+                                        help="Sampling weight of each --cache, in order (default: equal).")
+    loss: str = option("hpd", choices=tuple(LOSSES), help="The distillation loss (sft: the labels only).")
+    loss_options: dict[str, Any] = option(default_factory=dict, flag="--loss-option",
+                                          help="KEY=VALUE passed to the loss (e.g. tail=renormalize, beta=0.5). Repeatable.")
+    max_steps: int = option(100, help="Optimizer steps.")
+    batch_tokens: int = option(4096, help="Padded tokens per micro-batch.")
+    grad_accum: int = option(1, help="Micro-batches per optimizer step.")
+    lr: float = option(5e-5, help="Peak learning rate (AdamW).")
+    min_lr_ratio: float = option(0.1, help="The cosine schedule's final learning rate, as a share of --lr.")
+    warmup_steps: int = option(0, help="Steps of linear warmup to --lr.")
+    weight_decay: float = option(0.0, help="AdamW weight decay.")
+    betas: tuple[float, float] = option((0.9, 0.95), help="AdamW betas: two numbers in [0, 1).")
+    max_grad_norm: float = option(1.0, help="Gradients are clipped to this norm.")
+    dtype: str = option("auto", choices=DTYPES, help="The student's forward precision: auto is bfloat16 autocast on CUDA GPUs with bf16, "
+                        "float32 elsewhere (TF32 matmuls on CUDA). Weights stay float32.")
+    attn_implementation: str | None = option(None,
+                                             help="The student's attention, as transformers names it (sdpa, eager, flash_attention_2, ...). "
+                                             "Default: transformers' choice.")
+    loss_chunk_tokens: int = option(1024, help="Tokens whose [tokens, vocab] logits exist at once.")
+    eval_cache: str | None = option(None, help="Held-out cache for eval metrics.")
+    eval_every: int = option(0, help="Steps between evals (0: only with --eval-cache at the end).")
+    eval_batches: int = option(0, help="Batches of --eval-cache per eval (0: all of it).")
+    save_every: int = option(0, help="Steps between checkpoints (0: only the final one).")
+    keep_checkpoints: int = option(0, help="Keep the newest N step-* checkpoints, deleting older ones after each save (0: keep all).")
+    log_every: int = option(1, help="Steps between metrics rows.")
+    seed: int = option(0, help="Seed of the data order, the loss's noise and on-policy sampling.")
+    resume: bool = option(False, help="Continue from the latest checkpoint in --out (with the options it was trained with).")
     # On-policy rounds (hpd_tools/onpolicy.py)
-    online_teacher: str | None = None  # model folder (in-process) or http(s) URL of a vLLM server
-    online_engine: str = "vllm"  # for a folder: vllm or hf
-    online_engine_args: dict[str, Any] = field(default_factory=dict)
-    sample_every: int = 0  # steps between rounds; 0: no on-policy rounds
-    sample_prompts: int = 8
-    sample_max_new_tokens: int = 64
-    sample_temperature: float = 1.0
-    onpolicy_weight: float = 0.5  # share of each step's loss that comes from rollouts
-    onpolicy_buffer: int = 64  # rollouts kept and reused
-    prompt_cache: str | None = None  # where prompts come from; default: the first --cache
-    # Under torchrun (hpd_tools/parallel.py): shard the student with FSDP2 instead of replicating it (DDP)
-    fsdp: bool = False
-    # Pack sequences end to end in rows of pack_width tokens (default batch_tokens: one row) instead of padding them
-    pack: bool = False
-    pack_width: int = 0
-    # Dashboards beside metrics.jsonl: tensorboard, wandb, or none (hpd_tools/training/metrics.py)
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    online_teacher: str | None = option(None,
+                                        help="On-policy scorer: a model folder or Hub id (in-process), or the URL of a running vLLM server.")
+    online_engine: str = option("vllm", choices=("vllm", "hf"), help="Engine for a folder --online-teacher.")
+    online_engine_args: dict[str, Any] = option(default_factory=dict, flag="--online-engine-arg",
+                                                help="KEY=VALUE passed to the --online-teacher's engine (vllm.LLM, transformers, "
+                                                     "or the server client). Repeatable.")
+    sample_every: int = option(0, help="Steps between on-policy rounds (0: none).")
+    sample_prompts: int = option(8, help="Prompts per round.")
+    sample_max_new_tokens: int = option(64, help="Tokens the student samples per prompt, at most.")
+    sample_temperature: float = option(1.0, help="The student's sampling temperature in on-policy rounds (not the loss's).")
+    onpolicy_weight: float = option(0.5, help="Share of each step's loss from rollouts.")
+    onpolicy_buffer: int = option(64, help="Scored rollouts kept and reused.")
+    prompt_cache: str | None = option(None, help="Cache whose prompts are sampled from (default: the first --cache).")
+    # Under torchrun (hpd_tools/parallel.py)
+    fsdp: bool = option(False, help="Under torchrun: shard the student with FSDP2 instead of replicating it with DDP.")
+    pack: bool = option(False, flag="--pack/--no-pack",
+                        help="Pack sequences end to end (each attends to itself only) instead of padding them.")
+    pack_width: int = option(0, help="With --pack: tokens per packed row (0: --batch-tokens, one row).")
+    # hpd_tools/training/metrics.py
+    report_to: list[str] = option(default_factory=lambda: ["tensorboard"], form="comma",
+                                  help="Dashboards beside metrics.jsonl, comma-separated: tensorboard, wandb, none.")
 
     def validate(self) -> None:
         """Every option's type, range and combination; each error names the option
         as the command line spells it (recipes go through here too)."""
         if not self.caches:
             raise HPDError("--cache: give at least one cache")
-        if self.loss not in LOSSES:
-            raise HPDError(f"--loss {self.loss}: choose one of {', '.join(LOSSES)}")
+        check_choices(self)  # --loss, --dtype, --online-engine
         if self.cache_weights and len(self.cache_weights) != len(self.caches):
             raise HPDError(f"--cache-weight: {len(self.cache_weights)} weights for {len(self.caches)} caches; give one per --cache")
         for w in self.cache_weights:
@@ -93,8 +104,6 @@ class DistillConfig:
                 raise HPDError(f"{_flag(name)} {value}: must be {span}")
         if len(self.betas) != 2 or not all(_is_real(b) and 0.0 <= b < 1.0 for b in self.betas):
             raise HPDError(f"--betas {' '.join(map(str, self.betas))}: give two numbers in [0, 1)")
-        if self.dtype not in DTYPES:
-            raise HPDError(f"--dtype {self.dtype}: choose {', '.join(DTYPES)}")
         if self.attn_implementation is not None and not (isinstance(self.attn_implementation, str) and self.attn_implementation.strip()):
             raise HPDError(f"--attn-implementation {self.attn_implementation!r}: give an implementation transformers knows (sdpa, eager, flash_attention_2, ...)")
         if self.eval_every and not self.eval_cache:
@@ -103,15 +112,14 @@ class DistillConfig:
             raise HPDError("--sample-every needs --online-teacher")
         if self.online_teacher and not self.sample_every:
             raise HPDError("--online-teacher needs --sample-every N (steps between on-policy rounds)")
-        if self.online_engine not in ("vllm", "hf"):
-            raise HPDError(f"--online-engine {self.online_engine}: choose vllm or hf")
         if self.online_teacher and self.online_engine_args:
             from .engines import check_engine_args
 
             if self.online_teacher.startswith(("http://", "https://")):
-                check_engine_args("server", self.online_engine_args, where="online_engine_args", reserved={"url": "--online-teacher"})
+                check_engine_args("server", self.online_engine_args, where="--online-engine-arg", reserved={"url": "--online-teacher"})
             else:
-                check_engine_args(self.online_engine, self.online_engine_args, where="online_engine_args", reserved={"model": "--online-teacher"})
+                check_engine_args(self.online_engine, self.online_engine_args, where="--online-engine-arg",
+                                  reserved={"model": "--online-teacher"})
         if self.pack_width and not self.pack:
             raise HPDError(f"--pack-width {self.pack_width}: give a positive width, with --pack")
         if self.warmup_steps > self.max_steps:
@@ -130,7 +138,6 @@ _INT_MINIMUMS = {
     "warmup_steps": 0, "save_every": 0, "keep_checkpoints": 0, "eval_every": 0, "eval_batches": 0, "pack_width": 0,
     "sample_every": 0, "sample_prompts": 1, "sample_max_new_tokens": 1, "onpolicy_buffer": 1,
 }
-DTYPES = ("auto", "float32", "bfloat16")
 # Real options: (name, low, high, low excluded, high excluded).
 _REAL_RANGES = [
     ("lr", 0.0, math.inf, True, False),
@@ -144,7 +151,7 @@ _REAL_RANGES = [
 
 def _flag(name: str) -> str:
     """A DistillConfig field as the command line spells it."""
-    return {"caches": "--cache", "cache_weights": "--cache-weight", "loss_options": "--loss-option"}.get(name, "--" + name.replace("_", "-"))
+    return flag_of(DistillConfig, name)
 
 
 def _is_int(value: Any) -> bool:
