@@ -13,6 +13,7 @@ from hpd_tools.cache import CacheConfig
 from hpd_tools.cli import CACHE_DEFAULTS, _FieldOption, _recipe_and_flags, main
 from hpd_tools.config import build
 from hpd_tools.distill import DistillConfig
+from hpd_tools.errors import HPDError
 
 REQUIRED = object()
 COMMANDS = [("cache", CacheConfig, CACHE_DEFAULTS), ("distill", DistillConfig, {})]
@@ -88,3 +89,10 @@ def test_flags_override_the_recipe_mappings_key_by_key(tmp_path):
     recipe.write_text("fields: {response: a}\nengine_args: {enforce_eager: true}\ntop_k: 16\nseed: 3\n")
     values = parse("cache", ["--prompt-field", "q", "--vllm-arg", "max_num_seqs=8", "--top-k", "4"], recipe)
     assert values == {"fields": {"response": "a", "prompt": "q"}, "engine_args": {"enforce_eager": True, "max_num_seqs": 8}, "top_k": 4, "seed": 3}
+
+
+def test_online_engine_arg_is_checked_as_the_flag_names_it():
+    values = parse("distill", ["--cache", "c", "--student", "s", "--out", "o", "--online-teacher", "http://localhost:1", "--sample-every", "1",
+                               "--online-engine-arg", "retry=1"])
+    with pytest.raises(HPDError, match=r"^--online-engine-arg retry=1: the server engine has no option 'retry'; did you mean retries"):
+        build(DistillConfig, values).validate()

@@ -113,7 +113,7 @@ class DistillConfig:
         if self.online_teacher and not self.sample_every:
             raise HPDError("--online-teacher needs --sample-every N (steps between on-policy rounds)")
         if self.online_teacher and self.online_engine_args:
-            from .engines import check_engine_args
+            from ..engines import check_engine_args
 
             if self.online_teacher.startswith(("http://", "https://")):
                 check_engine_args("server", self.online_engine_args, where="--online-engine-arg", reserved={"url": "--online-teacher"})
