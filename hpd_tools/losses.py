@@ -67,6 +67,8 @@ from .errors import HPDError
 TAIL_MASS_FLOOR = 1e-8
 FKL_TAILS = ("bucket", "renormalize", "ignore")
 TAIL_ESTIMATES = ("kth", "uniform")
+HPD_FORWARDS = ("data", "cached")
+STUDENT_TAIL_FLOOR = 1e-6
 
 
 @dataclass
@@ -216,6 +218,40 @@ def _buckets(s: _Student, top: _Topk) -> _Buckets:
     )
 
 
+def _gathered_buckets(s: _Student, top: _Topk) -> _Buckets:
+    """:func:`_buckets` from the k gathered ids alone: the student's mass outside them
+    is ``1 - sum_S q`` (float64 over the k entries), not a logsumexp over a [T, V] copy
+    of the logits with S masked out. That difference resolves about 1e-6 (float32
+    log-probs); below ``STUDENT_TAIL_FLOOR`` its log continues linearly (value and
+    slope continuous), so a student with too little tail mass is still pushed toward
+    the teacher's, never away from it. ``lp_floor`` is not filled in (lp)."""
+    lt = top.lt
+    lq = torch.where(top.keep, s.at(top.ids), float("-inf"))
+    if lt.shape[-1] >= s.vocab:
+        zero = lt.new_zeros(lt.shape[0])
+        return _Buckets(lq, lt, lt, zero, zero)
+    tail = _tail_mass(lt)
+    kept = s.z.gather(-1, top.ids).double() - s.lse.double().unsqueeze(-1)  # one rounding fewer than lq's
+    rest = 1.0 - torch.where(top.keep, kept.exp(), 0.0).sum(-1)
+    f = STUDENT_TAIL_FLOOR
+    lq_rest = torch.where(rest > f, rest.clamp(min=f).log(), math.log(f) + (rest - f) / f).float()
+    lq_rest = torch.where(top.keep.any(-1), lq_rest, 0.0)  # nothing kept: all the student's mass is outside
+    lp = torch.cat([lt, tail.log().unsqueeze(-1)], dim=-1)
+    return _Buckets(torch.cat([lq, lq_rest.unsqueeze(-1)], dim=-1), lp, lp, tail, lq_rest.detach().exp())
+
+
+def _forward_kl(b: _Buckets, k: int, tail: str) -> Tensor:
+    """fkl's per-token value [T] for option ``tail`` (see :func:`fkl`)."""
+    if tail == "bucket":
+        return _kl(b.lp, b.lq)
+    if tail == "renormalize":
+        lt = b.lp[:, :k]
+        # A row with nothing kept has no teacher signal: -inf - finite, weight 0.
+        norm = torch.logsumexp(lt, dim=-1, keepdim=True).clamp(min=torch.finfo(lt.dtype).min)
+        return _kl(lt - norm, b.lq[:, :k])
+    return _kl(b.lp[:, :k], b.lq[:, :k])
+
+
 def _teacher_logprob_at(ids: Tensor, t: Targets, top: _Topk, vocab: int, tail_estimate: str) -> tuple[Tensor, Tensor]:
     """(lt(ids) [T] per the module's convention, in_topk bool [T]: ids in the kept top-k)."""
     match = (top.ids == ids.unsqueeze(-1)) & top.keep
@@ -283,16 +319,7 @@ def fkl(logits: Tensor, t: Targets, *, tail: str = "bucket") -> LossOutput:
     s, a = _active(logits, t)
     top = _topk(a, s.vocab)
     b = _buckets(s, top)
-    k = a.topk_ids.shape[-1]
-    if tail == "bucket":
-        loss = _kl(b.lp, b.lq)
-    elif tail == "renormalize":
-        lt = b.lp[:, :k]
-        # A row with nothing kept has no teacher signal: -inf - finite, weight 0.
-        norm = torch.logsumexp(lt, dim=-1, keepdim=True).clamp(min=torch.finfo(lt.dtype).min)
-        loss = _kl(lt - norm, b.lq[:, :k])
-    else:
-        loss = _kl(b.lp[:, :k], b.lq[:, :k])
+    loss = _forward_kl(b, a.topk_ids.shape[-1], tail)
     stats = {"fkl": _sum(loss), "teacher_tail_mass": _sum(b.teacher_tail), "student_tail_mass": _sum(b.student_tail), "dropped_mass": _sum(top.dropped)}
     return LossOutput(loss.sum(), a.labels.shape[0], stats)
 
@@ -384,8 +411,10 @@ def akl(logits: Tensor, t: Targets, *, mu: float = 0.5) -> LossOutput:
     return LossOutput(loss.sum(), a.labels.shape[0], stats)
 
 
-def hpd(logits: Tensor, t: Targets, *, tail_estimate: str = "kth") -> LossOutput:
-    """Hybrid Policy Distillation (DESIGN.md section 2), weights detached:
+def hpd(logits: Tensor, t: Targets, *, tail_estimate: str = "kth", forward: str = "data", tail: str = "bucket") -> LossOutput:
+    """Hybrid Policy Distillation (DESIGN.md section 2), weights detached.
+
+    Option ``forward="data"`` (the default, HPD as published):
 
         g    = (lt(y)  - ls(y))  * exp(ls(y))          m_f = g > 0
         r    = (lt(y') - ls(y')) * exp(ls(y'))         m_r = r < 0
@@ -399,10 +428,29 @@ def hpd(logits: Tensor, t: Targets, *, tail_estimate: str = "kth") -> LossOutput
     frac_mf, frac_mr, frac_both, frac_yprime_ne_y, g, r, frac_yprime_outside_topk,
     dropped_mass, and nll (the student's -ls(y): the surrogate loss itself sits
     near zero, this is the curve that shows training progress).
+
+    Option ``forward="cached"``: the forward signal on every cached id instead of
+    on y alone, the reverse term on y' as above:
+
+        loss_t = fkl_t(tail) - w_y' * ls(y'),   w_y' = r * m_r
+
+    fkl_t(tail) is :func:`fkl`'s per-token value with its option ``tail`` (weights
+    p_T on the kept top-k, the tail bucket / renormalisation / nothing), the
+    student's tail mass taken as ``1 - sum_topk q`` (:func:`_gathered_buckets`: no
+    [T, V] copy; equal to fkl's wherever that mass exceeds ~1e-6). y enters only
+    through lt(y') when y' == y. There is no [y' != y] gate and no extra pull on y:
+    with forward="data" the gate avoids counting y twice (at y' == y, r = g and
+    w_y already holds it); here y has no weight of its own. ``tail`` is read only
+    with forward="cached". stats: fkl, teacher_tail_mass, student_tail_mass,
+    frac_mr, r, frac_yprime_ne_y, frac_yprime_outside_topk, dropped_mass, nll.
     """
     _check("tail_estimate", tail_estimate, TAIL_ESTIMATES)
+    _check("forward", forward, HPD_FORWARDS)
+    _check("tail", tail, FKL_TAILS)
     s, a = _active(logits, t)
     top = _topk(a, s.vocab)
+    if forward == "cached":
+        return _hpd_cached(s, a, top, tail_estimate, tail)
     y = a.labels.long()
     y2 = _sampled(s, a)
     ls_y, ls_y2 = s.at(y), s.at(y2)
@@ -428,6 +476,31 @@ def hpd(logits: Tensor, t: Targets, *, tail_estimate: str = "kth") -> LossOutput
         "frac_yprime_outside_topk": _sum(~in_topk),
         "dropped_mass": _sum(top.dropped),
         "nll": _sum(-ls_y.detach()),
+    }
+    return LossOutput(loss.sum(), a.labels.shape[0], stats)
+
+
+def _hpd_cached(s: _Student, a: Targets, top: _Topk, tail_estimate: str, tail: str) -> LossOutput:
+    b = _gathered_buckets(s, top)
+    forward = _forward_kl(b, a.topk_ids.shape[-1], tail)
+    y, y2 = a.labels.long(), _sampled(s, a)
+    ls_y2 = s.at(y2)
+    lt_y2, in_topk = _teacher_logprob_at(y2, a, top, s.vocab, tail_estimate)
+    with torch.no_grad():
+        r = (lt_y2 - ls_y2) * ls_y2.exp()
+        m_r = r < 0
+        w_y2 = r * m_r
+    loss = forward - w_y2 * ls_y2
+    stats = {
+        "fkl": _sum(forward),
+        "teacher_tail_mass": _sum(b.teacher_tail),
+        "student_tail_mass": _sum(b.student_tail),
+        "frac_mr": _sum(m_r),
+        "r": _sum(r),
+        "frac_yprime_ne_y": _sum(y2 != y),
+        "frac_yprime_outside_topk": _sum(~in_topk),
+        "dropped_mass": _sum(top.dropped),
+        "nll": _sum(-s.at(y).detach()),
     }
     return LossOutput(loss.sum(), a.labels.shape[0], stats)
 
