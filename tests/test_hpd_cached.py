@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_distill import config
+from test_losses import case, close, noise_for, only, ref_loss, ref_sample, wide_case, wide_reference, with_
 from torch.utils.checkpoint import checkpoint
 
 import hpd_tools.losses as L
@@ -21,8 +23,6 @@ from hpd_tools.distill import train
 from hpd_tools.errors import HPDError
 from hpd_tools.losses import LOSSES, TAIL_MASS_FLOOR, LossOutput, Targets, compute_loss
 from hpd_tools.training.config import check_loss_options
-from test_distill import config
-from test_losses import case, close, noise_for, only, ref_loss, ref_sample, wide_case, wide_reference, with_
 
 TAILS = ["bucket", "renormalize", "ignore"]
 
@@ -264,7 +264,7 @@ def test_resume_compares_the_forward_option():
     forward=cached is a change check_resume names."""
     from hpd_tools.training.run_folder import _run_options
 
-    run = dict(caches=["c"], student="s", out="o", loss="hpd")
+    run = {"caches": ["c"], "student": "s", "out": "o", "loss": "hpd"}
     before = _run_options(run, None)["loss_options"]
     assert before == _run_options({**run, "loss_options": {"forward": "data"}}, None)["loss_options"]
     assert before != _run_options({**run, "loss_options": {"forward": "cached"}}, None)["loss_options"]
