@@ -2,7 +2,7 @@
 same data, same steps, several seeds.
 
     HPD_CACHE_HOME=... python benchmarks/quality.py [--config recipes/smollm2-135m/pipeline.yaml]
-        [--out runs/quality] [--seeds 0 1] [--max-steps 40] [--losses sft fkl rkl hpd hpd+onpolicy]
+        [--out runs/quality] [--seeds 0 1] [--max-steps 40] [--losses sft fkl rkl hpd hpd+onpolicy hpd-cached]
 
 Steps 1-4 of the pipeline (teacher import, pruned student, teacher responses,
 caches) run once; then one distill run per (loss, seed), each evaluated on
@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+# Row names that are a loss with options (a name's "+onpolicy" suffix still adds on-policy rounds).
+VARIANTS = {"hpd-cached": ("hpd", {"forward": "cached"})}
 METRICS = [("eval/fkl_topk", "held-out FKL (top-k)"), ("eval/student_nll", "student NLL of teacher data"),
            ("onpolicy/rkl", "on-policy RKL"), ("onpolicy/teacher_nll", "teacher NLL of own samples")]
 
@@ -54,7 +56,10 @@ def main() -> None:
     dcfg = None
     for name in args.losses:
         for seed in args.seeds:
-            distill = dict(base, loss=name.split("+")[0], save_every=0)
+            loss, options = VARIANTS.get(name.split("+")[0], (name.split("+")[0], {}))
+            distill = dict(base, loss=loss, save_every=0)
+            if options:
+                distill["loss_options"] = {**base.get("loss_options", {}), **options}
             if name.endswith("+onpolicy"):
                 distill.update(sample_every=args.sample_every, sample_prompts=8, sample_max_new_tokens=64, onpolicy_weight=0.5)
             run_dir = Path(args.out) / f"{name}-seed{seed}"
