@@ -7,7 +7,7 @@ the hf cache engine, and a resume check, on one GPU in a few minutes.
 Needs only torch and transformers from the machine, this tree (``PYTHONPATH=.``)
 and the small wheels hpd-tools imports (zarr, numcodecs, google-crc32c, donfig;
 click, pyyaml, fsspec and packaging where missing): no vLLM (its CUDA wheel is
-too large to carry), nothing downloaded. The README's "The GPU check" says how to
+too large to carry), nothing downloaded. docs/performance.md, "The GPU check", says how to
 bring the wheels to an offline GPU machine.
 
 Models are randomly initialised llama models of real shapes built from a

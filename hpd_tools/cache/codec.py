@@ -22,7 +22,7 @@ bundled data: mean |KL distortion| 5e-5 nats instead of 1.1e-3 with
 round-to-nearest, for the same bytes; benchmarks/codec_choice.py).
 
 How the arrays are compressed (cache format 3; benchmarks/codec_choice.py has
-the measured trade-off, the README the table). Ids are the entropy bottleneck.
+the measured trade-off, docs/performance.md the table). Ids are the entropy bottleneck.
 
 - ``topk_ids``: :class:`TopkIdsCodec` (``hpd_tools.topk_ids``). Each chunk's ids
   are renumbered by how often they occur in that chunk (its ``HEAD`` most

@@ -128,7 +128,7 @@ def write_run_marker(out: Path, previous: dict[str, Any] | None, config: Distill
 # -- resume: the same run, or refused ----------------------------------------------
 
 # What a resumed run may change, and why that leaves the run the same. Every
-# other DistillConfig field must equal the checkpoint's (README: distill, Resume).
+# other DistillConfig field must equal the checkpoint's (docs/distill.md, Resume).
 RESUME_MAY_CHANGE = {
     "max_steps": "where the run stops; the learning-rate schedule keeps the horizon the run started with",
     "eval_cache": "evaluation only",
