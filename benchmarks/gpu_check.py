@@ -415,7 +415,7 @@ def resume_check(student_dir: Path, cache: str, s: dict, work: Path) -> dict:
     a, b = work / "resume-straight", work / "resume-resumed"
     config = DistillConfig(caches=[cache], student=str(student_dir), out=str(a), loss="hpd", max_steps=20, save_every=10,
                            batch_tokens=s["resume_batch_tokens"], lr=1e-4, warmup_steps=2, dtype="bfloat16", seed=3,
-                           loss_chunk_tokens=s["loss_chunk_tokens"])
+                           loss_chunk_tokens=s["loss_chunk_tokens"], report_to=["none"])  # a GPU machine may lack tensorboard
     t0 = time.time()
     train(config)
     b.mkdir()
