@@ -162,3 +162,16 @@ def setup(trained_teacher, tmp_path_factory):
     eval_cache = build_cache(CacheConfig(data=str(heldout), out=str(root / "eval-cache"), **common)).location
     student = make_student(teacher, root / "student")
     return {"train": train_cache, "eval": eval_cache, "student": student, "root": root}
+
+
+@pytest.fixture(scope="session")
+def vllm_server(trained_teacher, tmp_path_factory):
+    """One vLLM OpenAI server of the trained tiny teacher on 127.0.0.1, shared by the
+    tests that only talk to it (test_server_engine, test_onpolicy_server); tests that
+    kill a server start their own."""
+    from test_server_engine import VLLMServer
+
+    srv = VLLMServer(trained_teacher, tmp_path_factory.mktemp("server-logs"))
+    yield srv
+    srv.stop()
+

@@ -19,15 +19,11 @@ from test_server_engine import VLLMServer
 HERE = Path(__file__).parent
 
 
-def test_server_and_in_process_vllm_score_rollouts_alike(setup, trained_teacher, tmp_path):
-    srv = VLLMServer(trained_teacher, tmp_path)
-    try:
-        out = tmp_path / "scores.npz"
-        proc = subprocess.run([sys.executable, str(HERE / "onpolicy_parity.py"), str(trained_teacher), str(setup["student"]), srv.url, str(out)],
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    finally:
-        srv.stop()
+def test_server_and_in_process_vllm_score_rollouts_alike(setup, trained_teacher, vllm_server, tmp_path):
+    out = tmp_path / "scores.npz"
+    proc = subprocess.run([sys.executable, str(HERE / "onpolicy_parity.py"), str(trained_teacher), str(setup["student"]), vllm_server.url, str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     z = np.load(out)
     for i in range(int(z["n"])):
         np.testing.assert_allclose(z[f"a{i}_label"], z[f"b{i}_label"], atol=1e-4)

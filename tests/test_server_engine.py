@@ -90,12 +90,9 @@ class VLLMServer:
         self._log_file.close()
 
 
-@pytest.fixture(scope="module")
-def server(teacher, tmp_path_factory):
-    srv = VLLMServer(teacher, tmp_path_factory.mktemp("server-logs"))
-    print(f"vLLM server ready in {srv.startup_s:.1f} s")
-    yield srv
-    srv.stop()
+@pytest.fixture
+def server(vllm_server):
+    return vllm_server  # conftest's session server (the trained tiny teacher)
 
 
 def _greedy(model_dir: Path, prompt: np.ndarray, n: int) -> np.ndarray:
@@ -112,7 +109,8 @@ def _greedy(model_dir: Path, prompt: np.ndarray, n: int) -> np.ndarray:
     return ids[0].numpy()
 
 
-def test_server_scores_match_transformers(server, teacher):
+def test_server_scores_match_transformers(server, trained_teacher):
+    teacher = trained_teacher
     from hpd_tools.engines.hf import HFTeacher
 
     rng = np.random.default_rng(0)
