@@ -150,7 +150,7 @@ BAD = [
     ("cache_weights", [float("nan")], "--cache-weight nan"), ("cache_weights", [float("inf")], "--cache-weight inf"), ("cache_weights", [0.0], "--cache-weight 0.0"),
     ("pack_width", -1, "--pack-width -1"),
     ("loss_options", {"tail_estimate": "median"}, "--loss-option tail_estimate=median"),
-    ("loss_options", {"tail": "bucket"}, "--loss-option tail: --loss hpd has no such option; its options: tail_estimate"),
+    ("loss_options", {"beta": 0.5}, "--loss-option beta: --loss hpd has no such option; its options: tail_estimate, forward, tail"),
 ]
 
 

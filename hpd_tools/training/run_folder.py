@@ -223,7 +223,10 @@ def check_resume(ckpt: Path, meta: dict[str, Any], config: DistillConfig, device
     if not changed:
         return
     # Loss options with their defaults, unless the loss itself changed.
-    shown = {} if "loss" in changed else {"loss_options": (a["loss_options"], b["loss_options"])}
+    # (only the loss options that differ: defaults both sides agree on say nothing)
+    la, lb = a["loss_options"], b["loss_options"]
+    differ = [key for key in {**la, **lb} if la.get(key) != lb.get(key)]
+    shown = {} if "loss" in changed else {"loss_options": ({k: la[k] for k in differ if k in la}, {k: lb[k] for k in differ if k in lb})}
     before = " ".join(_show(n, shown[n][0] if n in shown else saved[n]) for n in changed)
     after = " ".join(_show(n, shown[n][1] if n in shown else mine[n]) for n in changed)
     if before == after:  # the same paths, other caches there now
