@@ -172,9 +172,13 @@ def test_bad_request_raises_at_once(server):
 def test_killed_server_raises_teacher_unavailable(teacher, tmp_path):
     srv = VLLMServer(teacher, tmp_path)
     try:
-        engine = ServerTeacher(srv.url, retries=2, backoff=0.2, timeout=2)
         seqs = [np.arange(3, 30) + i for i in range(4)]
-        assert len(engine.score(seqs, 4)) == 4
+        # A fresh server's first requests can take many seconds on a loaded machine;
+        # score them with a patient client, then use a 2 s timeout for the kill.
+        warm = ServerTeacher(srv.url, retries=2, backoff=0.2, timeout=120)
+        assert len(warm.score(seqs, 4)) == 4
+        warm.close()
+        engine = ServerTeacher(srv.url, retries=2, backoff=0.2, timeout=2)
         srv.kill()
         t0 = time.monotonic()
         with pytest.raises(TeacherUnavailable) as err:

@@ -26,6 +26,11 @@ class Scored:
     label_logprob: np.ndarray  # float32 [m-1]
     topk_ids: np.ndarray  # int64 [m-1, k]
     topk_logprobs: np.ndarray  # float32 [m-1, k]
+    # Sampled scoring (``samples=N``): topk_ids / topk_logprobs hold each row's
+    # distinct drawn ids and their exact teacher log-probs, ordered by log-prob
+    # (hpd_tools.sampling.distinct), padded to width N with id 0 / -inf, and
+    # sample_counts [m-1, N] (int) their counts (0 = padding; a row sums to N).
+    sample_counts: np.ndarray | None = None
 
 
 class TeacherEngine(Protocol):
@@ -33,8 +38,15 @@ class TeacherEngine(Protocol):
     version: str
     vocab_size: int
 
-    def score(self, sequences: Sequence[np.ndarray], k: int) -> list[Scored]:
-        """Score each token sequence (as a prompt: no sampling)."""
+    def score(self, sequences: Sequence[np.ndarray], k: int, *, samples: int = 0, seeds: Sequence[int] | None = None) -> list[Scored]:
+        """Score each token sequence (as a prompt: no sampling).
+
+        With ``samples=N`` (> 0), each row holds N seeded draws from the teacher's
+        distribution instead of the top-k (``k`` is then ignored), drawn by
+        :func:`hpd_tools.sampling.sample_rows` with ``seeds[i]`` (the record's
+        :func:`hpd_tools.sampling.record_seed`) at the row's position in the sequence
+        (row i = position i), so the draws do not depend on the batching.
+        """
         ...
 
     def close(self) -> None:
