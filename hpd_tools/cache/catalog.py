@@ -26,6 +26,10 @@ def cache_info(path: str | Path) -> dict[str, Any]:
         "tokens": counts["tokens"],
         "response_tokens": counts["response_tokens"],
         "k": store.k,
+        "signal": store.signal,
+        # Sampled caches: draws per position, and the distinct ids they gave (the rows' mean length).
+        "samples": attrs.get("samples"),
+        "mean_distinct_ids": (attrs.get("quality") or {}).get("mean_distinct_ids"),
         "bytes_on_disk": total,
         "bytes_per_token": round(total / max(counts["tokens"], 1), 2),
         "bytes_per_response_token": round(total / max(counts["response_tokens"], 1), 2),

@@ -337,13 +337,169 @@ class RankDeltaCodec(ArrayBytesCodec):
         return input_byte_length + 1
 
 
+RAGGED_CODEC = "hpd_tools.ragged"
+RAGGED_KINDS = ("plain", "ids", "steps")
+_RAGGED_MAGIC = b"HPR1"
+_RAGGED_HEADER = struct.Struct("<4sBBBII")  # magic, kind, value width, monotone flag, head length, table size
+
+
+def row_lengths(rows: np.ndarray, fill: int) -> np.ndarray:
+    """int64 [n]: entries of each row of ``rows`` [n, k] up to its last one that is not ``fill``."""
+    n, k = rows.shape
+    other = rows != fill
+    last = k - np.argmax(other[:, ::-1], axis=1)
+    return np.where(other.any(axis=1), last, 0).astype(np.int64)
+
+
+def encode_ragged(values: np.ndarray, kind: str, fill: int = 0, level: int = CODES_LEVEL, head: int = HEAD) -> bytes:
+    """[..., k] values -> one chunk's bytes, each row stored up to its last entry that is
+    not ``fill`` (see :class:`RaggedCodec`). Lossless: the trailing ``fill`` entries a row
+    loses are what decoding puts back."""
+    values = np.ascontiguousarray(values)
+    dtype = values.dtype
+    k = values.shape[-1] if values.ndim > 1 else 1
+    rows = values.reshape(-1, k)
+    lengths = row_lengths(rows, fill)
+    keep = np.arange(k) < lengths[:, None]
+    monotone, n_head, size = 1, 0, 0
+    if kind == "steps":
+        if dtype != np.uint8:
+            raise TypeError(f"{RAGGED_CODEC} kind steps stores uint8 codes, not {dtype}")
+        monotone = int(not ((rows[:, 1:] < rows[:, :-1]) & keep[:, 1:]).any())
+        body = rank_steps(rows)[keep]
+    elif kind == "ids":
+        if dtype not in (np.dtype(np.uint16), np.dtype(np.int32)):
+            raise TypeError(f"{RAGGED_CODEC} kind ids stores uint16 or int32 ids, not {dtype}")
+        flat = rows[keep]
+        if flat.size and int(flat.min()) < 0:
+            raise ValueError(f"{RAGGED_CODEC} stores ids >= 0, got {int(flat.min())}")
+        size = int(flat.max()) + 1 if flat.size else 1
+        counts = np.bincount(flat, minlength=size)
+        top = np.argsort(-counts, kind="stable")[:head]
+        top = top[counts[top] >= HEAD_MIN_COUNT].astype(dtype)
+        n_head = len(top)
+        inverse = np.empty(size, dtype=dtype)
+        inverse[_table(top, size)] = np.arange(size, dtype=dtype)
+        body = np.frombuffer(Shuffle(elementsize=dtype.itemsize).encode(np.concatenate([top, inverse[flat]])), dtype=np.uint8)
+    elif kind == "plain":
+        body = rows[keep]
+    else:
+        raise ValueError(f"{RAGGED_CODEC}: kind {kind!r} is not one of {', '.join(RAGGED_KINDS)}")
+    frame = np.concatenate([lengths.astype(np.uint8 if k <= 255 else np.uint16).view(np.uint8), np.ascontiguousarray(body).view(np.uint8).reshape(-1)])
+    header = _RAGGED_HEADER.pack(_RAGGED_MAGIC, RAGGED_KINDS.index(kind), dtype.itemsize, monotone, n_head, size)
+    return header + bytes(Zstd(level=level).encode(frame))
+
+
+def decode_ragged(raw: bytes | memoryview | np.ndarray, dtype: np.dtype, shape: tuple[int, ...], kind: str, fill: int = 0) -> np.ndarray:
+    """Inverse of :func:`encode_ragged`: values of ``dtype`` and ``shape``."""
+    dtype = np.dtype(dtype)
+    raw = memoryview(raw).cast("B")
+    if len(raw) < _RAGGED_HEADER.size:
+        raise ValueError(f"{RAGGED_CODEC}: chunk of {len(raw)} bytes is shorter than its header")
+    magic, kind_i, width, monotone, n_head, size = _RAGGED_HEADER.unpack_from(raw)
+    if magic != _RAGGED_MAGIC or kind_i >= len(RAGGED_KINDS) or RAGGED_KINDS[kind_i] != kind or width != dtype.itemsize or monotone > 1:
+        raise ValueError(f"{RAGGED_CODEC}: chunk header is not one this version writes for {kind} {dtype} ({bytes(magic)!r}, kind {kind_i}, width {width})")
+    try:
+        frame = np.frombuffer(Zstd().decode(raw[_RAGGED_HEADER.size:]), dtype=np.uint8)
+    except RuntimeError as exc:  # numcodecs' Zstd reports bad input so
+        raise ValueError(f"{RAGGED_CODEC}: chunk does not decompress ({exc})") from None
+    k = shape[-1] if len(shape) > 1 else 1
+    n = int(np.prod(shape)) // k if k else 0
+    length_dtype = np.dtype(np.uint8 if k <= 255 else np.uint16)
+    n_len = n * length_dtype.itemsize
+    lengths = frame[:n_len].view(length_dtype).astype(np.int64) if len(frame) >= n_len else None
+    if lengths is None or (lengths > k).any():
+        raise ValueError(f"{RAGGED_CODEC}: chunk of {len(frame)} bytes does not hold the lengths of {n} rows of {k}")
+    n_kept = int(lengths.sum())
+    body = frame[n_len:]
+    expect = (n_head + n_kept) * width
+    if len(body) != expect:
+        raise ValueError(f"{RAGGED_CODEC}: chunk holds {len(body)} bytes of entries, its {n} row lengths need {expect}")
+    keep = np.arange(k) < lengths[:, None]
+    out = np.full((n, k), fill, dtype=dtype)
+    if kind == "steps":
+        steps = np.zeros((n, k), dtype=np.uint8)
+        steps[keep] = body
+        out = from_rank_steps(steps, monotone=bool(monotone))
+        out[~keep] = fill
+    elif kind == "ids":
+        planes = np.frombuffer(Shuffle(elementsize=width).decode(body), dtype=dtype) if width > 1 else body.view(dtype)
+        top, stored = planes[:n_head], planes[n_head:]
+        if (n_head and int(top.max()) >= size) or (stored.size and int(stored.max()) >= max(size, 1)):
+            raise ValueError(f"{RAGGED_CODEC}: chunk holds values beyond its table of {size}")
+        out[keep] = np.take(_table(top, max(size, 1)), stored)
+    else:
+        out[keep] = body.view(dtype)
+    return out.reshape(shape)
+
+
+@dataclass(frozen=True)
+class RaggedCodec(ArrayBytesCodec):
+    """Zarr v3 array -> bytes codec for rows [..., k] of which only a prefix holds data
+    (sampled caches: each position's distinct drawn ids, their codes and counts; the
+    rest is padding). Each row is stored up to its last entry that is not ``fill``.
+
+    Bytes: a 16-byte header (magic ``HPR1``, kind 0/1/2 = plain/ids/steps, value width,
+    monotone flag, head length h, table size T), then one Zstd frame: the rows' lengths
+    (uint8 when k <= 255, else uint16 little-endian), then the entries, row-major:
+    ``plain`` as they are; ``ids`` renumbered by frequency and byte-shuffled as
+    :class:`TopkIdsCodec` does (``head[0:h] ++ entries``); ``steps`` as each code's step
+    from the one before it in its row (:func:`rank_steps`, modulo 256; the flag says
+    whether every stored row is non-decreasing). Decoding puts ``fill`` in the rest."""
+
+    is_fixed_size = False
+    kind: str = "plain"
+    fill: int = 0
+    level: int = CODES_LEVEL
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RaggedCodec":
+        config = data.get("configuration") or {}
+        kind = str(config.get("kind", "plain"))
+        if kind not in RAGGED_KINDS:
+            raise ValueError(f"{RAGGED_CODEC}: kind {kind!r} is not one of {', '.join(RAGGED_KINDS)}")
+        return cls(kind=kind, fill=int(config.get("fill", 0)), level=int(config.get("level", CODES_LEVEL)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": RAGGED_CODEC, "configuration": {"kind": self.kind, "fill": self.fill, "level": self.level}}
+
+    def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: "ArraySpec") -> NDBuffer:
+        values = decode_ragged(chunk_bytes.as_numpy_array(), chunk_spec.dtype.to_native_dtype(), tuple(chunk_spec.shape), self.kind, self.fill)
+        return chunk_spec.prototype.nd_buffer.from_ndarray_like(values)
+
+    async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: "ArraySpec") -> NDBuffer:
+        return self._decode_sync(chunk_bytes, chunk_spec)
+
+    def _encode_sync(self, chunk_array: NDBuffer, chunk_spec: "ArraySpec") -> Buffer | None:
+        values = np.asarray(chunk_array.as_numpy_array())
+        if values.dtype.byteorder == ">":
+            values = values.astype(values.dtype.newbyteorder("<"))
+        return chunk_spec.prototype.buffer.from_bytes(encode_ragged(values, self.kind, self.fill, self.level))
+
+    async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: "ArraySpec") -> Buffer | None:
+        return self._encode_sync(chunk_array, chunk_spec)
+
+    def compute_encoded_size(self, input_byte_length: int, _chunk_spec: "ArraySpec") -> int:
+        raise NotImplementedError
+
+
 register_codec(IDS_CODEC, TopkIdsCodec)
 register_codec(DELTA_CODEC, RankDeltaCodec)
+register_codec(RAGGED_CODEC, RaggedCodec)
+
+
+# Sampled caches' row arrays: (RaggedCodec kind, Zstd level).
+SAMPLED_RAGGED = {"topk_ids": ("ids", IDS_LEVEL), "topk_logprobs": ("steps", CODES_LEVEL), "sample_counts": ("plain", CODES_LEVEL)}
 
 
 def zarr_codecs(name: str, format_version: int = 3) -> dict[str, Any]:
     """serializer/filters/compressors for each cache array, chosen for its data.
-    ``format_version`` 2 gives what format 2 wrote (LZMA), for fixtures and tests."""
+    ``format_version`` 2 gives what format 2 wrote (LZMA), for fixtures and tests;
+    4 (sampled caches) stores the rows of drawn entries ragged (:class:`RaggedCodec`:
+    padding is not stored; padding codes are 0, like the rows of prompt positions)."""
+    if format_version >= 4 and name in SAMPLED_RAGGED:
+        kind, level = SAMPLED_RAGGED[name]
+        return {"serializer": RaggedCodec(kind=kind, fill=0, level=level), "compressors": None}
     if name == "topk_ids":
         return {"serializer": TopkIdsCodec(), "compressors": None} if format_version >= 3 else {"compressors": [LZMA(preset=6)]}
     if name == "topk_logprobs":

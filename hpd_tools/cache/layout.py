@@ -10,6 +10,14 @@ A cache is one Zarr v3 group with a flat token axis (DESIGN.md section 3)::
     topk_logprobs  [N, k]  uint8    quantised code (codec.py): head - code * step
     topk_head      [N]     float16  the top-1 log-prob each code row is relative to
     example_id     [S]     uint64   hash of the source record
+    sample_counts  [N, k]  uint8    sampled caches (format 4) only: the count of each
+                                    drawn id among the N = k draws (0: padding)
+
+A sampled cache (attributes ``signal: "sampled"``, ``samples: N``, ``seed``, top_k
+= N, format 4) holds in topk_ids / topk_logprobs each position's distinct drawn ids
+ordered by teacher log-prob (so the rank code applies unchanged), then padding (id 0,
+code 0, count 0), which is not stored on disk (codec.RaggedCodec). Readers mask
+padding by ``sample_counts == 0``.
 
 Position convention: everything stored at position i is about the token at
 i+1 of the same sequence. The last position of a sequence has no next token:
@@ -95,10 +103,16 @@ log = logging.getLogger(__name__)
 # 3: topk_ids and topk_logprobs in hpd-tools' Zstd-based codecs instead of LZMA
 # (codec.py: 2% fewer bytes, ~40x faster to decode); checksums as in format 2.
 FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# 4: sampled caches (attribute signal "sampled"): the top-k arrays hold each position's
+# distinct drawn ids, plus sample_counts; the rows are stored ragged (codec.RaggedCodec).
+# Top-k caches stay format 3, so their keys and bytes do not change.
+SAMPLED_FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 ATTR = "hpd_cache"
 ARRAYS = ("tokens", "offsets", "loss_mask", "example_id", "label_logprob", "topk_head", "topk_ids", "topk_logprobs")
 TEACHER_ARRAYS = ("label_logprob", "topk_ids", "topk_logprobs", "topk_head")
+SAMPLE_COUNTS = "sample_counts"  # [N, k] uint8, sampled caches only: each drawn id's count (0: padding)
+ALL_ARRAYS = (*ARRAYS, SAMPLE_COUNTS)
 _MARKER_FIELDS = ("distortion_sum", "distortion_max", "weighted_abs_error_sum", "topk_rows")
 SEQUENCE_CHUNK = 1 << 16
 # Pause between putting a claim and reading it back (object stores): a rival
@@ -224,6 +238,17 @@ def check_attrs(where: Any, attrs: dict[str, Any]) -> None:
     units = max(1, -(-counts["tokens"] // attrs["chunk_tokens"]))
     if attrs["n_units"] != units:
         fail(f"attribute 'n_units' is {attrs['n_units']}, but {counts['tokens']} tokens in units of {attrs['chunk_tokens']} make {units}")
+    sampled = attrs.get("signal", "topk") == "sampled"
+    if attrs.get("signal", "topk") not in ("topk", "sampled"):
+        fail(f"attribute 'signal' is {attrs.get('signal')!r}, expected 'topk' or 'sampled'")
+    if sampled != (attrs.get("format_version") == SAMPLED_FORMAT_VERSION):
+        fail(f"attribute 'signal' {attrs.get('signal', 'topk')!r} does not go with format {attrs.get('format_version')} (sampled caches are format {SAMPLED_FORMAT_VERSION})")
+    if sampled:
+        samples = attrs.get("samples")
+        if not isinstance(samples, int) or isinstance(samples, bool) or not 1 <= samples <= 255 or samples != attrs["top_k"]:
+            fail(f"attribute 'samples' is {samples!r}, expected an integer in 1..255 equal to top_k ({attrs['top_k']})")
+        if not isinstance(attrs.get("seed"), int) or isinstance(attrs.get("seed"), bool):
+            fail(f"attribute 'seed' is {attrs.get('seed')!r}, expected the draws' integer seed")
     if attrs["codec"] not in codec.KNOWN_CODECS:
         fail(f"codec '{attrs['codec']}' is not one this version reads ({', '.join(codec.KNOWN_CODECS)})")
     if attrs.get("format_version", 0) >= 2:
@@ -343,7 +368,17 @@ class CacheStore:
 
     @property
     def k(self) -> int:
+        """Entries per row: the top-k, or a sampled cache's draws (its rows' width)."""
         return int(self.attrs["top_k"])
+
+    @property
+    def signal(self) -> str:
+        return str(self.attrs.get("signal") or "topk")
+
+    @property
+    def teacher_arrays(self) -> tuple[str, ...]:
+        """The arrays each unit writes (and its marker vouches for)."""
+        return (*TEACHER_ARRAYS, SAMPLE_COUNTS) if self.signal == "sampled" else TEACHER_ARRAYS
 
     @property
     def n_units(self) -> int:
@@ -396,7 +431,7 @@ class CacheStore:
             if self.checked:
                 for field in ("checksums", "sizes"):
                     sums = marker.get(field)
-                    if not isinstance(sums, dict) or any(not isinstance(sums.get(name), int) or isinstance(sums.get(name), bool) for name in TEACHER_ARRAYS):
+                    if not isinstance(sums, dict) or any(not isinstance(sums.get(name), int) or isinstance(sums.get(name), bool) for name in self.teacher_arrays):
                         raise CacheCorruptError(f"{self.path}: the marker {rel} lacks the {field} of its chunks; {fix}")
             out.append(marker)
         return out
@@ -578,8 +613,8 @@ class CacheStore:
         attrs = dict(self.attrs)
         if self.checked:
             # All units' checksums in one object, so a reader needs one read, not one per marker.
-            table = {name: np.array([m["checksums"][name] for m in markers], dtype=np.int64) for name in TEACHER_ARRAYS}
-            sizes = {name: np.array([m["sizes"][name] for m in markers], dtype=np.int64) for name in TEACHER_ARRAYS}
+            table = {name: np.array([m["checksums"][name] for m in markers], dtype=np.int64) for name in self.teacher_arrays}
+            sizes = {name: np.array([m["sizes"][name] for m in markers], dtype=np.int64) for name in self.teacher_arrays}
             raw = integrity.encode_table(table, sizes)
             self.location.write(UNITS_FILE, raw)
             attrs["checksums"] = {**attrs["checksums"], "units": integrity.digest(raw)}
@@ -593,6 +628,9 @@ class CacheStore:
             "topk_rows": topk_rows,
             "mean_topk_mass_past_tokenizer": sum(float(m.get("mass_past_tokenizer_sum") or 0.0) for m in markers) / max(topk_rows, 1),
         }
+        if self.signal == "sampled":  # over every response position, rows reused from donors included
+            rows = sum(int(m.get("sampled_rows") or 0) for m in markers)
+            attrs["quality"]["mean_distinct_ids"] = sum(int(m.get("distinct_sum") or 0) for m in markers) / max(rows, 1)
         attrs["completed_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         with self.location.guard("writing attributes"):
             self.group.attrs[ATTR] = attrs
@@ -601,7 +639,7 @@ class CacheStore:
 
     # -- sizes --------------------------------------------------------------
     def bytes_on_disk(self, names: Iterable[str] | None = None) -> dict[str, int]:
-        names = list(names) if names is not None else [n for n in self.location.listdir() if n in ARRAYS]
+        names = list(names) if names is not None else [n for n in self.location.listdir() if n in ALL_ARRAYS]
         return {name: self.location.size(name) for name in names}
 
 
@@ -625,6 +663,8 @@ def _build_group(path: Path, plan: Plan, attrs: dict[str, Any], vocab_size: int)
     make("topk_head", (n,), (c,), np.float16)
     make("topk_ids", (n, k), (c, k), codec.ids_dtype(vocab_size))
     make("topk_logprobs", (n, k), (c, k), np.uint8)
+    if attrs.get("signal") == "sampled":
+        make(SAMPLE_COUNTS, (n, k), (c, k), np.uint8)
     chunks = {"tokens": c, "loss_mask": c, "offsets": SEQUENCE_CHUNK, "example_id": SEQUENCE_CHUNK}
     lengths = {"tokens": n, "loss_mask": n, "offsets": s + 1, "example_id": s}
     entries = {name: [store.written.get((name, i), (FILL, FILL)) for i in range(max(1, -(-lengths[name] // chunks[name])))] for name in STATIC_ARRAYS}

@@ -86,10 +86,16 @@ from ..hashing import chat_template_hash, hash_obj, model_hash, sha256_hex, toke
 from ..progress import Progress
 from . import codec
 from .reader import check_offsets, read_rows
-from .layout import ARRAYS, FORMAT_VERSION, TEACHER_ARRAYS, CacheStore, claim_lease, Location, Plan, as_location, cache_home, caches_under, create_cache, is_cache
+from .layout import ALL_ARRAYS, FORMAT_VERSION, SAMPLE_COUNTS, SAMPLED_FORMAT_VERSION, CacheStore, claim_lease, Location, Plan, as_location, cache_home, caches_under, create_cache, is_cache
 from .storage import check_writable
 
 log = logging.getLogger(__name__)
+
+DEFAULT_TOP_K = 64
+# Sampled caches: bytes per response token on the bundled data with SmolLM2-135M-Instruct
+# at N = 8/16/32/64 are in docs/performance.md; this N keeps them near 1/3 of top-64's.
+DEFAULT_SAMPLES = 32
+MAX_SAMPLES = 255  # hpd_tools.sampling.MAX_SAMPLES (counts are uint8); not imported: it brings torch into `info`
 
 
 @dataclass
@@ -98,7 +104,7 @@ class CacheConfig:
 
     teacher: str = option(help="Teacher: a model folder, a Hugging Face Hub id (org/name), or the packaged teacher's name.")
     data: str = option(help="JSONL, JSON, Parquet, a dataset folder (data files or save_to_disk) or a Hub dataset id.")
-    top_k: int = option(64, help="Teacher top-k entries stored per response token.")
+    top_k: int = option(DEFAULT_TOP_K, help="Teacher top-k entries stored per response token (--signal topk).")
     # None: the smaller of 2048 and the teacher's context (resolved before the key).
     max_length: int | None = option(None,
                                     help="Records longer than this many tokens are truncated "
@@ -118,7 +124,7 @@ class CacheConfig:
     chunk_tokens: int = option(16384, help="Positions per chunk: the unit of writing, resuming and sharding.")
     batch_tokens: int = option(8192, help="Tokens per teacher call.")
     reuse: bool = option(True, flag="--no-reuse", help="Score every record, even those another cache of this teacher already holds.")
-    seed: int = option(0, help="Engine seed.")
+    seed: int = option(0, help="Engine seed; with --signal sampled also the draws' seed (in the cache key).")
     engine_args: dict[str, Any] = option(default_factory=dict, flag="--vllm-arg",
                                          help="KEY=VALUE passed to vllm.LLM (e.g. tensor_parallel_size=8). Repeatable.")
     # Module docstring, "Pipelining"; write_threads=0, units_in_flight=1 is the serial path.
@@ -133,6 +139,10 @@ class CacheConfig:
     data_split: str | None = option(None, help="Split of a dataset folder or Hub dataset (default: train, or the only split).")
     data_config: str | None = option(None, help="Configuration of a dataset folder or Hub dataset (datasets' name=).")
     max_records: int = option(0, help="Read only the first N records (0: all).")
+    signal: str = option("topk", choices=("topk", "sampled"),
+                         help="What each response position stores: the teacher's top-k (topk), or the distinct ids among "
+                              "--samples seeded draws from its full distribution with their counts (sampled: unbiased, fewer bytes).")
+    samples: int = option(DEFAULT_SAMPLES, help=f"Draws per response position with --signal sampled (1..{MAX_SAMPLES}), seeded by --seed and each record's id.")
 
     def validate(self) -> None:
         index, count = self.shard
@@ -140,6 +150,14 @@ class CacheConfig:
             raise HPDError(f"--shard {index}/{count}: expected I/N with 0 <= I < N")
         if self.top_k < 1:
             raise HPDError(f"--top-k {self.top_k}: must be at least 1")
+        if not 1 <= self.samples <= MAX_SAMPLES:
+            raise HPDError(f"--samples {self.samples}: must be in 1..{MAX_SAMPLES} (draws per position; counts are stored in one byte)")
+        # One setting, one meaning: the width of a sampled cache is --samples, so a --top-k
+        # other than its default is refused rather than silently ignored (and vice versa).
+        if self.signal == "sampled" and self.top_k != DEFAULT_TOP_K:
+            raise HPDError(f"--top-k {self.top_k} with --signal sampled: a sampled cache stores the distinct ids of --samples draws; drop --top-k (or use --signal topk)")
+        if self.signal == "topk" and self.samples != DEFAULT_SAMPLES:
+            raise HPDError(f"--samples {self.samples} with --signal topk: --samples applies to --signal sampled only; add --signal sampled or drop --samples")
         if self.max_records < 0:
             raise HPDError(f"--max-records {self.max_records}: must be 0 (all) or more")
         if self.max_length is not None and self.max_length < 2:
@@ -317,24 +335,33 @@ class _Donors:
         try:
             if d1 - d0 != len(tokens) or not np.array_equal(self._read(c_i, "tokens", d0, d1), tokens):
                 return None
-            return {name: self._read(c_i, name, d0 + a, d0 + b) for name in ("label_logprob", "topk_head", "topk_ids", "topk_logprobs")}
+            # Same compat hash, so the same signal (and for sampled caches the same N and seed): the donor's arrays are these.
+            return {name: self._read(c_i, name, d0 + a, d0 + b) for name in self.caches[c_i].teacher_arrays}
         except HPDError as exc:
             self.bad.add(c_i)
             log.warning("not reusing rows from %s any more: %s", self.caches[c_i].path, exc)
             return None
 
 
-def _unit_buffers(n: int, k: int, ids_dtype: np.dtype) -> dict[str, np.ndarray]:
-    return {
+def _unit_buffers(n: int, k: int, ids_dtype: np.dtype, sampled: bool = False) -> dict[str, np.ndarray]:
+    buffers = {
         "label_logprob": np.zeros(n, dtype=np.float16),
         "topk_head": np.zeros(n, dtype=np.float16),
         "topk_ids": np.zeros((n, k), dtype=ids_dtype),
         "topk_logprobs": np.zeros((n, k), dtype=np.uint8),
     }
+    if sampled:
+        buffers[SAMPLE_COUNTS] = np.zeros((n, k), dtype=np.uint8)
+    return buffers
 
 
 def build_cache(config: CacheConfig, teacher: TeacherEngine | None = None, dry_run: bool = False) -> CacheResult:
     """Create or complete the cache for ``config``; see the module docstring.
+
+    ``config.signal == "sampled"``: each response position stores the distinct ids of
+    ``config.samples`` draws from the teacher's distribution (seeded by
+    ``record_seed(config.seed, example id)``), their counts and exact log-probs
+    (layout.py; format 4). Signal, N and seed are in the key.
 
     ``teacher``: an engine already running (kept open afterwards), to score
     several datasets without reloading the model; by default one is started
@@ -367,17 +394,20 @@ def build_cache(config: CacheConfig, teacher: TeacherEngine | None = None, dry_r
     dtype = _resolve_dtype(config.dtype, config.engine)
     plan = make_plan(examples, config.chunk_tokens)
 
+    sampled = config.signal == "sampled"
     identity = {
-        "format_version": FORMAT_VERSION,
+        "format_version": SAMPLED_FORMAT_VERSION if sampled else FORMAT_VERSION,
         "teacher_hash": model_hash(config.teacher),
         "tokenizer_hash": tokenizer_hash(tokenizer),
         "chat_template_hash": chat_template_hash(tokenizer),
-        "top_k": config.top_k,
+        "top_k": config.samples if sampled else config.top_k,  # the rows' width
         "max_length": config.max_length,
         "dtype": dtype,
         "engine_name": config.engine,  # vLLM and transformers agree only within tolerances: never share rows; the version is not in the key
         "codec": codec.CODEC_VERSION,
     }
+    if sampled:  # top-k caches' identities (and keys) stay as they were: these keys are absent there
+        identity.update(signal="sampled", samples=config.samples, seed=config.seed)
     if origin is not None:  # a Hub teacher's commit: `main` moving on makes a new cache (absent for folders: their keys stay as they were)
         identity["teacher_revision"] = origin[1]
     compat = hash_obj(identity)
@@ -459,7 +489,7 @@ def _occupied(out: Location) -> bool:
     creating it again puts the same objects."""
     if out.local is not None:
         return out.local.exists() and (not out.local.is_dir() or any(out.local.iterdir()))
-    return not set(out.listdir()) <= {*ARRAYS, "progress", "checksums"}
+    return not set(out.listdir()) <= {*ALL_ARRAYS, "progress", "checksums"}
 
 
 @dataclass(eq=False)
@@ -487,14 +517,30 @@ class _Waiting:
     last_unit: int
 
 
-def _encode_unit(unit: _Unit, tokenizer_size: int) -> dict[str, Any]:
-    """Code the unit's scored top-k rows in place and measure what the code distorts."""
+def _encode_unit(unit: _Unit, tokenizer_size: int, sampled: bool = False) -> dict[str, Any]:
+    """Code the unit's scored top-k rows in place and measure what the code distorts.
+
+    Sampled rows: the drawn set is coded like a top-k (it is ordered by log-prob) and
+    the distortion is measured over it, weighted by the teacher's probabilities as for
+    top-k (what the stored log-probs of the drawn ids get wrong in any estimate that
+    uses them). Padding (count 0) is coded as a log-prob far below the row's (it carries
+    no mass, so neither the rounding's error feedback nor the statistics see it), then
+    set to code 0 like prompt rows, which the ragged codec does not store."""
     rows = np.flatnonzero(unit.scored)
     stats = {"distortion_sum": 0.0, "distortion_max": 0.0, "weighted_abs_error_sum": 0.0, "topk_rows": int(len(rows)), "mass_past_tokenizer_sum": 0.0}
+    if sampled:
+        counts = unit.buffers[SAMPLE_COUNTS]
+        stats.update(distinct_sum=int((counts > 0).sum()), sampled_rows=int((counts[:, 0] > 0).sum()))  # every row, reused ones too
     if not len(rows):
         return stats
     exact = unit.exact[rows]
+    padding = None
+    if sampled:
+        padding = unit.buffers[SAMPLE_COUNTS][rows] == 0
+        exact = np.where(padding, np.float32(-1e4), exact)
     head, codes = codec.encode_logprobs(exact)
+    if padding is not None:
+        codes[padding] = 0
     unit.buffers["topk_head"][rows] = head
     unit.buffers["topk_logprobs"][rows] = codes
     d, w = codec.kl_distortion(exact, codec.decode_logprobs(head, codes))
@@ -545,9 +591,11 @@ class _UnitWriter:
         self.store, self.plan, self.config, self.dtype = store, plan, config, dtype
         self.result, self.donors, self.progress, self.teacher = result, donors, progress, teacher
         self.k = store.k
+        self.sampled = store.signal == "sampled"
+        self.draw_seed = int(store.attrs.get("seed") or 0)
         self.ids_dtype = np.dtype(store.array("topk_ids").dtype)
         self.tokenizer_size = int((store.attrs.get("tokenizer") or {}).get("size") or 1 << 62)
-        for name in TEACHER_ARRAYS:
+        for name in store.teacher_arrays:
             store.array(name)  # opened here, before the threads share the store
         self.cap = config.units_in_flight
         self.window = max(1, self.cap // 2)  # units per teacher window: one scored while the one before is written
@@ -596,7 +644,7 @@ class _UnitWriter:
         plan = self.plan
         start, end = plan.unit_range(unit)
         n = end - start
-        u = _Unit(unit, start, _unit_buffers(n, self.k, self.ids_dtype), np.zeros((n, self.k), dtype=np.float32), np.zeros(n, dtype=bool))
+        u = _Unit(unit, start, _unit_buffers(n, self.k, self.ids_dtype, self.sampled), np.zeros((n, self.k), dtype=np.float32), np.zeros(n, dtype=bool))
         queued = 0
         for s in plan.sequences_in(start, end):
             o0, o1 = int(plan.offsets[s]), int(plan.offsets[s + 1])
@@ -648,7 +696,13 @@ class _UnitWriter:
         plan = self.plan
         sequences = [plan.tokens[plan.offsets[s] : plan.offsets[s + 1]] for s, _ in call]
         t0 = time.time()
-        scores = self.teacher.score(sequences, self.k)
+        if self.sampled:  # each record's draws are seeded by its example id: any batching, shard or resume draws the same
+            from ..sampling import record_seed
+
+            seeds = [record_seed(self.draw_seed, int(plan.example_ids[s])) for s, _ in call]
+            scores = self.teacher.score(sequences, self.k, samples=self.k, seeds=seeds)
+        else:
+            scores = self.teacher.score(sequences, self.k)
         self.result.score_seconds += time.time() - t0
         for (s, w), tokens, sc in zip(call, sequences, scores):
             del self.waiting[s]
@@ -660,6 +714,10 @@ class _UnitWriter:
                 rows = np.flatnonzero(mask) + lo
                 u.exact[rows] = sc.topk_logprobs[a:b][mask]
                 u.buffers["topk_ids"][rows] = sc.topk_ids[a:b][mask]
+                if self.sampled:
+                    if sc.sample_counts is None:
+                        raise HPDError(f"the {getattr(self.teacher, 'name', 'teacher')} engine returned no sample counts for a sampled call; it cannot fill --signal sampled caches")
+                    u.buffers[SAMPLE_COUNTS][rows] = sc.sample_counts[a:b][mask]
                 u.scored[rows] = True
                 u.missing -= 1
                 self.progress.update(b - a)
@@ -711,7 +769,7 @@ class _UnitWriter:
     def _write(self, u: _Unit) -> _Unit:
         """Code, check and durably write one unit, then its marker; the claim is released even on failure."""
         try:
-            stats = _encode_unit(u, self.tokenizer_size)
+            stats = _encode_unit(u, self.tokenizer_size, self.sampled)
             self.store.write_unit(u.unit, u.buffers, {"unit": u.unit, "sequences_reused": u.reused, "tokens_scored": u.tokens_scored, **stats})
         finally:
             self.store.release(u.unit)

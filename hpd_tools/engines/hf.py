@@ -12,6 +12,10 @@ largest tensor is [chunk_rows, vocab] float32 (1.2 GB at 2,048 x 152k), not
 head applied to its last hidden state (final soft-capping, a logit scale) is
 found at start-up and scored from its own logits, chunked the same way.
 
+Sampled scoring (``samples=N``): the same chunks' log-softmax feeds
+:func:`hpd_tools.sampling.sample_rows`, per record with its seed and its rows'
+positions, so no [batch, length, vocab] float32 tensor exists beyond a chunk.
+
 Engine options (``--vllm-arg`` on the cache command, ``engine_args`` from
 Python, ``online_engine_args`` for an online teacher): ``attn_implementation``
 (``sdpa``, ``eager``, ``flash_attention_2``, ...: passed to ``from_pretrained``).
@@ -171,7 +175,9 @@ class HFTeacher:
         return batches
 
     @torch.inference_mode()
-    def score(self, sequences: Sequence[np.ndarray], k: int) -> list[Scored]:
+    def score(self, sequences: Sequence[np.ndarray], k: int, *, samples: int = 0, seeds: Sequence[int] | None = None) -> list[Scored]:
+        if samples and (seeds is None or len(seeds) != len(sequences)):
+            raise ValueError(f"samples={samples} needs one seed per sequence ({len(sequences)}), got {None if seeds is None else len(seeds)}")
         out: list[Scored | None] = [None] * len(sequences)
         lengths = [len(s) for s in sequences]
         for batch in self._batches(lengths):
@@ -192,12 +198,18 @@ class HFTeacher:
                 logits_of = _identity
             rows = states[:, :-1][has_next.to(states.device)]
             del states
-            label, top_lp, top_ids = chunked_logprobs(logits_of, rows, labels, k=k, chunk_rows=self.chunk_rows)
+            if samples:
+                records = [(lengths[i] - 1, int(seeds[i])) for i in batch]  # type: ignore[index]
+                label, top_lp, top_ids, counts = chunked_samples(logits_of, rows, labels, records, samples, chunk_rows=self.chunk_rows)
+                counts = counts.cpu().numpy()
+            else:
+                label, top_lp, top_ids = chunked_logprobs(logits_of, rows, labels, k=k, chunk_rows=self.chunk_rows)
             label, top_lp, top_ids = label.cpu().numpy(), top_lp.cpu().numpy(), top_ids.cpu().numpy()
             start = 0
             for i in batch:
                 m = lengths[i] - 1
-                out[i] = Scored(label[start : start + m], top_ids[start : start + m], top_lp[start : start + m])
+                out[i] = Scored(label[start : start + m], top_ids[start : start + m], top_lp[start : start + m],
+                                counts[start : start + m] if samples else None)
                 start += m
         return out  # type: ignore[return-value]
 
@@ -209,3 +221,50 @@ class HFTeacher:
 
 def _identity(x: Any) -> Any:
     return x
+
+
+def chunked_samples(logits_of: Any, rows: Any, labels: Any, records: Sequence[tuple[int, int]], n: int,
+                    *, chunk_rows: int = LOGPROB_CHUNK_ROWS) -> tuple[Any, Any, Any, Any]:
+    """:func:`chunked_logprobs` for a sampled call: the label log-probs [R] and, per row,
+    ``n`` seeded draws (:func:`hpd_tools.sampling.sample_rows`) as distinct ids long [R, n],
+    their exact log-probs float32 [R, n] and counts int32 [R, n].
+
+    ``rows`` are the records' rows one after another, ``records`` each record's
+    (row count, seed); a record's row j is its position j, whatever chunk it lands in,
+    so the draws do not depend on the batching. One [chunk_rows, V] float32 block of
+    log-probs at a time (plus what the draw needs: its exp and cumulative sum), no host
+    synchronisation."""
+    from ..sampling import sample_rows
+
+    total = int(rows.shape[0])
+    starts = np.cumsum([0] + [m for m, _ in records])
+    label = ids = lps = counts = None
+    for a in range(0, total, chunk_rows):
+        b = min(a + chunk_rows, total)
+        z = logits_of(rows[a:b]).float()
+        lp = z - torch.logsumexp(z, dim=-1, keepdim=True)
+        del z
+        if label is None:
+            label = torch.empty(total, dtype=torch.float32, device=lp.device)
+            ids = torch.empty((total, n), dtype=torch.long, device=lp.device)
+            lps = torch.empty((total, n), dtype=torch.float32, device=lp.device)
+            counts = torch.empty((total, n), dtype=torch.int32, device=lp.device)
+        label[a:b] = lp.gather(-1, labels[a:b, None].to(lp.device))[:, 0]
+        # The records this chunk holds rows of: one draw call each (its own seed).
+        first = int(np.searchsorted(starts, a, side="right")) - 1
+        for r in range(first, len(records)):
+            r0, r1 = max(int(starts[r]), a), min(int(starts[r + 1]), b)
+            if r0 >= b:
+                break
+            if r1 <= r0:
+                continue
+            positions = torch.arange(r0 - int(starts[r]), r1 - int(starts[r]), device=lp.device)
+            ids[r0:r1], lps[r0:r1], counts[r0:r1] = sample_rows(lp[r0 - a : r1 - a], records[r][1], positions, n)
+        del lp
+    if label is None:  # no rows
+        device = getattr(rows, "device", None)
+        label = torch.empty(0, dtype=torch.float32, device=device)
+        ids = torch.empty((0, n), dtype=torch.long, device=device)
+        lps = torch.empty((0, n), dtype=torch.float32, device=device)
+        counts = torch.empty((0, n), dtype=torch.int32, device=device)
+    return label, lps, ids, counts

@@ -254,7 +254,9 @@ class ServerTeacher:
             lps[j - 1] = [v["logprob"] for _, v in items]
         return Scored(label, ids, lps)
 
-    def score(self, sequences: Sequence[np.ndarray], k: int) -> list[Scored]:
+    def score(self, sequences: Sequence[np.ndarray], k: int, *, samples: int = 0, seeds: Sequence[int] | None = None) -> list[Scored]:
+        if samples:  # the completions API returns top-k prompt log-probs only, never the full distribution to draw from
+            raise HPDError(f"teacher server {self.url}: cannot draw samples (--signal sampled) over the completions API; use --engine hf or vllm")
         if k < 1:
             raise HPDError(f"top-k {k}: must be at least 1")
         token_lists = [np.asarray(s).astype(np.int64).tolist() for s in sequences]
