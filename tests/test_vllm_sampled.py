@@ -1,0 +1,190 @@
+"""Sampled scoring in the vLLM engine (issue 14): draws made inside vLLM's model runner
+against the transformers model's exact distribution, on the tiny teacher.
+
+One vLLM engine in a subprocess (tests/vllm_sampled_driver.py: vLLM needs a __main__
+guard) scores the sequences three ways and tries the two refusals; the reference draws
+are :func:`hpd_tools.sampling.sample_rows` on the transformers model's full log-probs
+with the same seeds at the same positions.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hpd_tools.engines.vllm_sampling import distinct_host
+from hpd_tools.sampling import distinct, record_seed, sample_rows
+
+HERE = Path(__file__).parent
+SAMPLES = 64
+LENGTHS = [5, 37, 180, 300, 260, 220]  # 180+ are prefilled in chunks (128 batched tokens)
+ALPHA = 1e-3  # the statistical test's false-alarm rate
+
+
+@pytest.fixture(scope="module")
+def run(teacher, tmp_path_factory):
+    root = tmp_path_factory.mktemp("vllm-sampled")
+    rng = np.random.default_rng(0)
+    seqs = [rng.integers(3, 1000, n).astype(np.int64) for n in LENGTHS]
+    seeds = [record_seed(7, i) for i in range(len(seqs))]
+    np.savez(root / "seqs.npz", seeds=np.array(seeds, dtype=np.int64), samples=np.array(SAMPLES), **{f"seq_{i}": s for i, s in enumerate(seqs)})
+    proc = subprocess.run([sys.executable, str(HERE / "vllm_sampled_driver.py"), str(teacher), str(root / "seqs.npz"), str(root / "out.npz")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return seqs, seeds, dict(np.load(root / "out.npz"))
+
+
+@pytest.fixture(scope="module")
+def exact(teacher, run):
+    """The transformers model's float64 log-probs [m-1, V] of each sequence."""
+    from transformers import AutoModelForCausalLM
+
+    seqs, _, _ = run
+    model = AutoModelForCausalLM.from_pretrained(teacher, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return [model(input_ids=torch.from_numpy(s)[None]).logits[0, :-1].double().log_softmax(-1) for s in seqs]
+
+
+def rows(out: dict, name: str, i: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    return out[f"{name}_{i}_ids"], out[f"{name}_{i}_lp"], out[f"{name}_{i}_counts"]
+
+
+def test_draws_are_deterministic_across_calls_batching_and_order(run):
+    seqs, _, out = run
+    for i, seq in enumerate(seqs):
+        ids, lps, counts = rows(out, "a", i)
+        assert ids.shape == lps.shape == counts.shape == (len(seq) - 1, SAMPLES)
+        assert (counts.sum(1) == SAMPLES).all() and ((counts > 0) == np.isfinite(lps)).all()
+        assert (ids[counts == 0] == 0).all()
+        for other in ("b", "c"):  # the same call again; reversed, in two batches (so other prefill chunks)
+            for x, y in zip(rows(out, "a", i), rows(out, other, i)):
+                np.testing.assert_array_equal(x, y)
+            np.testing.assert_array_equal(out[f"a_{i}_label"], out[f"{other}_{i}_label"])
+
+
+def test_draws_match_the_transformers_engine_with_the_same_seeds(run, exact):
+    seqs, seeds, out = run
+    same = total = 0
+    for i, (seq, lp) in enumerate(zip(seqs, exact)):
+        ids, lps, counts = rows(out, "a", i)
+        ref_ids, ref_lp, ref_counts = sample_rows(lp.float(), seeds[i], torch.arange(len(seq) - 1), SAMPLES)
+        match = (ids == ref_ids.numpy()).all(1) & (counts == ref_counts.numpy()).all(1)
+        same, total = same + int(match.sum()), total + len(match)
+        for r in np.flatnonzero(~match):  # a differing row: draws that crossed a CDF boundary to the next id, nothing else
+            diff = np.zeros(lp.shape[1] + 1, dtype=np.int64)
+            np.add.at(diff, ids[r], counts[r])
+            np.add.at(diff, ref_ids[r].numpy(), -ref_counts[r].numpy())
+            gained, lost = np.repeat(np.arange(len(diff)), diff.clip(min=0)), np.repeat(np.arange(len(diff)), (-diff).clip(min=0))
+            assert len(gained) == len(lost) and (np.abs(gained - lost) == 1).all(), (i, r, gained, lost)
+        # The stored log-probs are the exact teacher log-probs of the drawn ids, the label's too.
+        drawn = counts > 0
+        np.testing.assert_allclose(lps[drawn], lp.gather(1, torch.from_numpy(ids)).numpy()[drawn], atol=1e-4)
+        np.testing.assert_allclose(out[f"a_{i}_label"], lp.gather(1, torch.from_numpy(seq[1:, None])).squeeze(1).numpy(), atol=1e-4)
+    print(f"vLLM and transformers draw the same {SAMPLES} tokens at {same}/{total} positions ({same / total:.2%})")
+    assert same / total >= 0.99
+
+
+def chi_square(counts_by_row: list[tuple[np.ndarray, np.ndarray]], lp: list[torch.Tensor]) -> tuple[float, int]:
+    """Pearson's statistic and degrees of freedom over every position: per position, a bin
+    per token with expected count N*p >= 5 and one bin for the rest (kept when its expected
+    count is >= 5, else merged into the smallest kept bin); positions are independent, so
+    the per-position statistics add (df = bins - 1 each)."""
+    stat, df = 0.0, 0
+    for (ids, counts), logp in zip(counts_by_row, lp):
+        p = logp.exp().numpy()
+        for r in range(len(p)):
+            observed = np.zeros(p.shape[1])
+            np.add.at(observed, ids[r], counts[r])
+            expected = SAMPLES * p[r]
+            big = np.flatnonzero(expected >= 5)
+            if len(big) == 0:
+                continue
+            o, e = list(observed[big]), list(expected[big])
+            rest_o, rest_e = SAMPLES - sum(o), SAMPLES - sum(e)
+            if rest_e >= 5:
+                o.append(rest_o)
+                e.append(rest_e)
+            else:
+                j = int(np.argmin(e))
+                o[j] += rest_o
+                e[j] += rest_e
+            if len(e) < 2:
+                continue
+            o, e = np.array(o), np.array(e)
+            stat += float(((o - e) ** 2 / e).sum())
+            df += len(e) - 1
+    return stat, df
+
+
+def chi2_sf(stat: float, df: int) -> float:
+    """P(chi-square_df >= stat): the regularised upper incomplete gamma Q(df/2, stat/2)."""
+    return float(torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)))
+
+
+def test_vllm_draws_follow_the_teachers_distribution(run, exact):
+    """Chi-square goodness of fit of vLLM's counts to N*p (p: the transformers model's exact
+    distribution), false-alarm rate ALPHA; the same test rejects draws from the teacher at
+    temperature 1.5, so it has power against a distortion of that size."""
+    seqs, seeds, out = run
+    stat, df = chi_square([(out[f"a_{i}_ids"], out[f"a_{i}_counts"]) for i in range(len(seqs))], exact)
+    p_value = chi2_sf(stat, df)
+    print(f"vLLM draws: chi-square {stat:.1f} on {df} df, p = {p_value:.3f}")
+    assert df > 200 and p_value > ALPHA
+    hot = []
+    for i, (seq, lp) in enumerate(zip(seqs, exact)):
+        ids, _, counts = sample_rows((lp / 1.5).log_softmax(-1).float(), seeds[i], torch.arange(len(seq) - 1), SAMPLES)
+        hot.append((ids.numpy(), counts.numpy()))
+    stat_hot, df_hot = chi_square(hot, exact)
+    print(f"temperature 1.5 draws: chi-square {stat_hot:.1f} on {df_hot} df, p = {chi2_sf(stat_hot, df_hot):.2e}")
+    assert chi2_sf(stat_hot, df_hot) < ALPHA
+
+
+def test_host_reduction_equals_sampling_distinct():
+    """vLLM's draws are reduced to distinct ids on the host from their own log-probs; the
+    result is hpd_tools.sampling.distinct's, ties and padding included."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(300, 50, generator=gen) * 3
+    logits[:, 10] = logits[:, 11]  # exact ties, broken by id
+    lp = logits.log_softmax(-1)
+    raw = torch.multinomial(lp.exp(), 16, replacement=True, generator=gen)
+    want = distinct(raw, lp)
+    got = distinct_host(raw.numpy(), lp.gather(1, raw).numpy())
+    for x, y in zip(got, want):
+        np.testing.assert_array_equal(x, y.numpy())
+
+
+def test_refusals_are_one_line(run):
+    _, _, out = run
+    version = str(out["version"])
+    for key in ("refused_tensor_path", "refused_no_hook"):
+        message = str(out[key])
+        assert message and "\n" not in message and f"vLLM {version}" in message, (key, message)
+    assert "HPD_VLLM_TENSOR_LOGPROBS" in str(out["refused_tensor_path"])
+    assert "vllm.general_plugins" in str(out["refused_no_hook"])
+
+
+def test_topk_scoring_beside_sampled_requests_is_unchanged(run, exact):
+    _, _, out = run
+    want_lp, want_ids = exact[0].float().topk(8, dim=-1)
+    np.testing.assert_allclose(out["topk_lp"], want_lp.numpy(), atol=1e-4)
+    tied = np.zeros(want_ids.shape, dtype=bool)  # ids by rank, except where log-probs tie within float noise
+    close = np.abs(np.diff(want_lp.numpy(), axis=1)) < 1e-4
+    tied[:, :-1] |= close
+    tied[:, 1:] |= close
+    assert ((out["topk_ids"] == want_ids.numpy()) | tied).all()
+
+
+def test_the_vllm_plugin_entry_point_installs_the_hooks():
+    """vLLM's own processes (engine core, workers on GPUs) load hpd-tools' hooks through
+    the vllm.general_plugins entry point."""
+    from importlib.metadata import entry_points
+
+    from hpd_tools.engines import vllm_sampling
+
+    (point,) = [e for e in entry_points(group="vllm.general_plugins") if e.name == "hpd_tools"]
+    assert point.load() is vllm_sampling.register
