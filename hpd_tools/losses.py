@@ -50,6 +50,28 @@ The teacher is known only on its top-k. Conventions for the rest:
   stored entries, dropped ones included: a token the student can sample outside
   the kept top-k lies outside the teacher's top-k, and dropped mass sits on
   tokens it cannot sample.
+
+Three teacher signals (DESIGN.md section 8), told apart by the Targets' fields:
+
+- top-k (``sample_weights`` and ``teacher_logprobs`` None): the conventions above.
+- sampled (``sample_weights`` set, a sampled cache): ``topk_ids`` are the distinct
+  ids among N draws from p, ``topk_logprobs`` their exact log-probs (padding -inf),
+  ``sample_weights`` w = count/N (0 on padding; only w > 0 marks a real entry).
+  fkl is the unbiased estimate ``sum_v w_v (lt_v - ls_v)`` of KL(p || pi_s) (its
+  gradient is unbiased too) and needs no tail; hpd forward=cached uses the same
+  weights for its forward term. lt(y') for rkl/hpd: exact when y' was drawn, else
+  option ``tail_estimate``: "uniform" ``log((1 - m) / (V - d))``, m the drawn
+  set's teacher mass (floored at ``TAIL_MASS_FLOOR``), d the drawn ids < V, not
+  capped; "kth" the smallest drawn log-prob, an estimate and NOT a bound (an
+  undrawn token may be more likely than a drawn one). jsd and akl have no sound
+  estimator from draws of p alone and refuse sampled targets. Drawn ids >= V drop
+  out as above (their estimated share is ``dropped_mass``).
+- dense (``teacher_logprobs`` [T, V_t] set, the online reference): every loss is
+  exact over the vocabulary; ``topk_*`` and ``label_logprob`` are not read (lt(y)
+  and lt(y') come from the full row). Teacher ids >= V drop out (their mass is
+  ``dropped_mass``, left out as with k >= V); a teacher narrower than the logits,
+  and entries of -inf (tokens the teacher cannot emit), read as
+  ``log(TAIL_MASS_FLOOR / V)`` so reverse terms stay finite.
 """
 
 from __future__ import annotations
@@ -82,6 +104,8 @@ class Targets:
     topk_logprobs: Tensor  # float [T, k]: teacher top-k log-probs (<= 0, sorted desc)
     noise: Tensor  # float [T]: uniform(0, 1) draws for sampling y' ~ pi_s
     sampled: Tensor | None = None  # long [T]: y' already drawn from these logits with this noise; None: draw it here
+    sample_weights: Tensor | None = None  # float [T, k]: count/N per drawn id, 0 on padding (a sampled cache); None: top-k
+    teacher_logprobs: Tensor | None = None  # float [T, V_t]: the teacher's full log-softmax (dense); set: topk_*, label_logprob unread
 
     def rows(self, index: Tensor) -> Targets:
         return Targets(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[index] for f in fields(self)})
@@ -146,10 +170,13 @@ def restrict_to_width(topk_ids: Tensor, topk_logprobs: Tensor, width: int) -> tu
     return ids, lt, dropped
 
 
-def _restrict(topk_ids: Tensor, topk_logprobs: Tensor, width: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _restrict(topk_ids: Tensor, topk_logprobs: Tensor, width: int, valid: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     ids = topk_ids.long()
     lt = topk_logprobs.float()
     keep = ids < width
+    if valid is not None:  # a sampled row's padding (count 0) is no entry at all, whatever its code decodes to
+        keep = keep & valid
+        lt = lt.masked_fill(~valid, float("-inf"))
     first = keep.int().argmax(-1, keepdim=True)  # the first kept rank (0 when none is)
     placeholder = torch.where(keep.any(-1, keepdim=True), ids.gather(-1, first), 0)
     dropped = torch.where(keep, 0.0, lt.exp()).sum(-1)
@@ -164,12 +191,19 @@ class _Topk:
     lt: Tensor  # float32 [T, k]: log-probs, -inf where dropped
     keep: Tensor  # bool [T, k]
     dropped: Tensor  # float32 [T]: teacher mass on dropped ids
-    stored: Tensor  # float32 [T, k]: the k stored log-probs, dropped ones included
+    stored: Tensor  # float32 [T, k]: the k stored log-probs, dropped ones included (-inf on a sampled row's padding)
+    weights: Tensor | None = None  # float32 [T, k]: count/N on kept drawn ids, 0 elsewhere (sampled); None: top-k
 
 
 def _topk(t: Targets, width: int) -> _Topk:
-    ids, lt, keep, dropped = _restrict(t.topk_ids, t.topk_logprobs, width)
-    return _Topk(ids, lt, keep, dropped, t.topk_logprobs.float())
+    if t.sample_weights is None:
+        ids, lt, keep, dropped = _restrict(t.topk_ids, t.topk_logprobs, width)
+        return _Topk(ids, lt, keep, dropped, t.topk_logprobs.float())
+    w = t.sample_weights.float()
+    valid = w > 0
+    ids, lt, keep, dropped = _restrict(t.topk_ids, t.topk_logprobs, width, valid)
+    stored = t.topk_logprobs.float().masked_fill(~valid, float("-inf"))
+    return _Topk(ids, lt, keep, dropped, stored, torch.where(keep, w, 0.0))
 
 
 def _active(logits: Tensor, t: Targets) -> tuple[_Student, Targets]:
@@ -257,14 +291,84 @@ def _teacher_logprob_at(ids: Tensor, t: Targets, top: _Topk, vocab: int, tail_es
     match = (top.ids == ids.unsqueeze(-1)) & top.keep
     in_topk = match.any(-1)
     exact = top.lt.gather(-1, match.int().argmax(-1, keepdim=True)).squeeze(-1)
-    kth = top.stored.min(-1).values
+    if top.weights is None:
+        kth = top.stored.min(-1).values
+    else:  # the smallest drawn log-prob (padding is -inf); a row with no draw (never active) reads 0
+        kth = top.stored.masked_fill(torch.isneginf(top.stored), 0.0).min(-1).values
     if tail_estimate == "kth":
         estimate = kth
     else:
         missing = (vocab - top.keep.sum(-1)).clamp(min=1).float()
-        estimate = (_tail_mass(top.stored).clamp(min=TAIL_MASS_FLOOR).log() - missing.log()).clamp(max=kth)
+        estimate = _tail_mass(top.stored).clamp(min=TAIL_MASS_FLOOR).log() - missing.log()
+        if top.weights is None:  # no top-k tail token can exceed the k-th; an undrawn token can exceed a drawn one
+            estimate = estimate.clamp(max=kth)
     lt = torch.where(in_topk, exact, estimate)
     return torch.where(ids == t.labels.long(), t.label_logprob.float(), lt), in_topk
+
+
+def _sampled_forward(s: _Student, top: _Topk) -> Tensor:
+    """fkl's unbiased estimate [T] on a sampled row: sum_v w_v (lt_v - ls_v) over the
+    kept drawn ids ([T, k] work only: no tail, nothing [T, V] beyond the logsumexp)."""
+    diff = torch.where(top.keep, top.lt - s.at(top.ids), 0.0)  # where, not a product: lt is -inf off the kept ids
+    return (top.weights * diff).sum(-1)
+
+
+def _student_rest(s: _Student, top: _Topk) -> Tensor:
+    """The student's mass outside the kept ids [T], 1 - sum q in float64 (a statistic only)."""
+    with torch.no_grad():
+        kept = s.z.gather(-1, top.ids).double() - s.lse.double().unsqueeze(-1)
+        return (1.0 - torch.where(top.keep, kept.exp(), 0.0).sum(-1)).clamp(min=0.0).float()
+
+
+@dataclass
+class _Dense:
+    """The teacher's full log-softmax as the logits' width sees it (module docstring, "dense")."""
+
+    lt: Tensor  # float32 [T, V]: teacher log-probs at the student's ids, -inf and missing ids floored
+    dropped: Tensor  # float32 [T]: teacher mass on ids >= V
+
+    def at(self, ids: Tensor) -> Tensor:
+        return self.lt.gather(-1, ids.long().unsqueeze(-1)).squeeze(-1)
+
+
+def _dense(t: Targets, vocab: int) -> _Dense:
+    full = t.teacher_logprobs
+    floor = math.log(TAIL_MASS_FLOOR / vocab)
+    # One [T, V] float32 copy: the floor for -inf entries (NaN stays NaN: a broken teacher row is a bug to see).
+    lt = full[:, :vocab].float().nan_to_num(nan=math.nan, neginf=floor)
+    if lt.shape[-1] < vocab:
+        lt = torch.nn.functional.pad(lt, (0, vocab - lt.shape[-1]), value=floor)
+    dropped = full[:, vocab:].float().exp().sum(-1) if full.shape[-1] > vocab else lt.new_zeros(lt.shape[0])
+    return _Dense(lt, dropped)
+
+
+def _dense_forward(s: _Student, d: _Dense) -> Tensor:
+    """Exact KL(p || pi_s) [T] over the vocabulary: sum_v p_v (lt_v - z_v + lse).
+
+    Two [T, V] float32 buffers (p, and the difference, scaled in place); the
+    backward needs p only."""
+    with torch.no_grad():
+        p = d.lt.exp()
+    diff = d.lt - s.z
+    diff.add_(s.lse.unsqueeze(-1)).mul_(p)
+    return diff.sum(-1)
+
+
+def _dense_buckets(s: _Student, d: _Dense) -> _Buckets:
+    """The full distributions as jsd and akl read buckets: one per id, no tail bucket."""
+    zero = d.lt.new_zeros(d.lt.shape[0])
+    lq = s.z - s.lse.unsqueeze(-1)
+    return _Buckets(lq, d.lt, d.lt, zero, zero)
+
+
+def _refuse_sampled(name: str, t: Targets) -> None:
+    if t.sample_weights is not None:
+        raise HPDError(f"loss {name} cannot use a sampled cache (no sound estimator from draws of the teacher alone); use fkl, rkl or hpd, or a top-k cache")
+
+
+def _check_sampled_tail(loss: str, t: Targets, tail: str) -> None:
+    if t.sample_weights is not None and tail != "bucket":
+        raise HPDError(f"loss {loss}: option tail={tail} does not apply to a sampled cache (the estimate needs no tail); drop the option")
 
 
 def _check(name: str, value: object, choices: tuple[str, ...]) -> None:
@@ -314,10 +418,25 @@ def fkl(logits: Tensor, t: Targets, *, tail: str = "bucket") -> LossOutput:
     mass is part of p_rest, "renormalize" renormalises on the kept ids.
     Shapes: logits [T, V], topk [T, k]. stats: fkl, teacher_tail_mass (dropped mass
     included), student_tail_mass, dropped_mass.
+
+    Sampled targets: loss_t = sum_v w_v (lt_v - ls_v), w = count/N, an unbiased
+    estimate of KL(p_T || pi_s) and of its gradient; ``tail`` must stay "bucket" (no
+    tail); the tail masses are the teacher's and the student's mass outside the drawn
+    ids. Dense targets: loss_t = KL(p_T || pi_s) over the vocabulary (tail masses 0).
     """
     _check("tail", tail, FKL_TAILS)
+    _check_sampled_tail("fkl", t, tail)
     s, a = _active(logits, t)
+    if a.teacher_logprobs is not None:
+        d = _dense(a, s.vocab)
+        loss = _dense_forward(s, d)
+        zero = _sum(d.dropped.new_zeros(()))
+        return LossOutput(loss.sum(), a.labels.shape[0], {"fkl": _sum(loss), "teacher_tail_mass": zero, "student_tail_mass": zero, "dropped_mass": _sum(d.dropped)})
     top = _topk(a, s.vocab)
+    if top.weights is not None:
+        loss = _sampled_forward(s, top)
+        stats = {"fkl": _sum(loss), "teacher_tail_mass": _sum(_tail_mass(top.lt)), "student_tail_mass": _sum(_student_rest(s, top)), "dropped_mass": _sum(top.dropped)}
+        return LossOutput(loss.sum(), a.labels.shape[0], stats)
     b = _buckets(s, top)
     loss = _forward_kl(b, a.topk_ids.shape[-1], tail)
     stats = {"fkl": _sum(loss), "teacher_tail_mass": _sum(b.teacher_tail), "student_tail_mass": _sum(b.student_tail), "dropped_mass": _sum(top.dropped)}
@@ -331,17 +450,23 @@ def rkl(logits: Tensor, t: Targets, *, tail_estimate: str = "kth") -> LossOutput
     loss_t = -w * ls(y'). In expectation over y' its gradient is the gradient of
     KL(pi_s || p_T) (with lt(y') as estimated, see the module docstring).
     Shapes: logits [T, V]. stats: rkl_estimate (sum of ls(y') - lt(y'), the
-    one-sample estimate of the reverse KL), frac_yprime_outside_topk, dropped_mass.
+    one-sample estimate of the reverse KL), frac_yprime_outside_topk (sampled: y'
+    not drawn; dense: 0), dropped_mass. Dense targets: lt(y') exact.
     """
     _check("tail_estimate", tail_estimate, TAIL_ESTIMATES)
     s, a = _active(logits, t)
-    top = _topk(a, s.vocab)
     y2 = _sampled(s, a)
     ls = s.at(y2)
-    lt, in_topk = _teacher_logprob_at(y2, a, top, s.vocab, tail_estimate)
+    if a.teacher_logprobs is not None:
+        d = _dense(a, s.vocab)
+        lt, in_topk, dropped = d.at(y2), torch.ones_like(y2, dtype=torch.bool), d.dropped
+    else:
+        top = _topk(a, s.vocab)
+        lt, in_topk = _teacher_logprob_at(y2, a, top, s.vocab, tail_estimate)
+        dropped = top.dropped
     w = lt - ls.detach()
     loss = -w * ls
-    stats = {"rkl_estimate": _sum(-w), "frac_yprime_outside_topk": _sum(~in_topk), "dropped_mass": _sum(top.dropped)}
+    stats = {"rkl_estimate": _sum(-w), "frac_yprime_outside_topk": _sum(~in_topk), "dropped_mass": _sum(dropped)}
     return LossOutput(loss.sum(), a.labels.shape[0], stats)
 
 
@@ -356,12 +481,19 @@ def jsd(logits: Tensor, t: Targets, *, beta: float = 0.5) -> LossOutput:
 
     As in TRL the endpoints are defined as the two KLs; the interior tends to 0 at
     both ends, so it is not continuous with them. loss_t is the divergence itself.
-    Shapes: logits [T, V], topk [T, k]. stats: jsd, dropped_mass.
+    Shapes: logits [T, V], topk [T, k]. stats: jsd, dropped_mass. Dense targets: the
+    same over the vocabulary, one bucket per id (several [T, V] buffers: a baseline).
+    Sampled targets: refused (HPDError).
     """
     _check_unit("beta", beta)
+    _refuse_sampled("jsd", t)
     s, a = _active(logits, t)
-    top = _topk(a, s.vocab)
-    b = _buckets(s, top)
+    if a.teacher_logprobs is not None:
+        d = _dense(a, s.vocab)
+        b, dropped = _dense_buckets(s, d), d.dropped
+    else:
+        top = _topk(a, s.vocab)
+        b, dropped = _buckets(s, top), top.dropped
     if beta == 0.0:
         loss = _kl(b.lp, b.lq)
     elif beta == 1.0:
@@ -371,7 +503,7 @@ def jsd(logits: Tensor, t: Targets, *, beta: float = 0.5) -> LossOutput:
         # logsumexp's backward makes of it stops at the constant -inf in _buckets' where.
         lm = torch.logsumexp(torch.stack([b.lp + math.log(beta), b.lq + math.log1p(-beta)]), dim=0)
         loss = beta * _kl(b.lp, lm) + (1.0 - beta) * _kl(b.lq, lm)
-    return LossOutput(loss.sum(), a.labels.shape[0], {"jsd": _sum(loss), "dropped_mass": _sum(top.dropped)})
+    return LossOutput(loss.sum(), a.labels.shape[0], {"jsd": _sum(loss), "dropped_mass": _sum(dropped)})
 
 
 def akl(logits: Tensor, t: Targets, *, mu: float = 0.5) -> LossOutput:
@@ -388,13 +520,19 @@ def akl(logits: Tensor, t: Targets, *, mu: float = 0.5) -> LossOutput:
     tail mass. loss_t is that value. Shapes: logits [T, V], topk [T, k].
     Dropped entries (module docstring, "Widths") have p = q = 0 and no gap.
     stats: akl, fkl, rkl, head_weight (the sum of g_head/(g_head+g_tail)), dropped_mass.
+    Dense targets: the same over the vocabulary, one bucket per id (a [T, V] sort).
+    Sampled targets: refused (HPDError).
     """
     if not 0.0 < mu <= 1.0:
         raise HPDError(f"loss option mu={mu!r} must be in (0, 1]")
+    _refuse_sampled("akl", t)
     s, a = _active(logits, t)
-    top = _topk(a, s.vocab)
-    b = _buckets(s, top)
-    k = a.topk_ids.shape[-1]
+    if a.teacher_logprobs is not None:
+        d = _dense(a, s.vocab)
+        b, dropped, k = _dense_buckets(s, d), d.dropped, s.vocab
+    else:
+        top = _topk(a, s.vocab)
+        b, dropped, k = _buckets(s, top), top.dropped, a.topk_ids.shape[-1]
     p_topk = b.lp[:, :k].exp()
     sorted_p, order = p_topk.sort(dim=-1, descending=True)
     head = torch.zeros_like(p_topk, dtype=torch.bool).scatter(-1, order, (sorted_p.cumsum(-1) - sorted_p) < mu)
@@ -407,7 +545,7 @@ def akl(logits: Tensor, t: Targets, *, mu: float = 0.5) -> LossOutput:
     forward = _kl(b.lp, b.lq)
     reverse = _kl(b.lq, b.lp_floor)
     loss = w_head * forward + (1.0 - w_head) * reverse
-    stats = {"akl": _sum(loss), "fkl": _sum(forward), "rkl": _sum(reverse), "head_weight": _sum(w_head), "dropped_mass": _sum(top.dropped)}
+    stats = {"akl": _sum(loss), "fkl": _sum(forward), "rkl": _sum(reverse), "head_weight": _sum(w_head), "dropped_mass": _sum(dropped)}
     return LossOutput(loss.sum(), a.labels.shape[0], stats)
 
 
@@ -443,19 +581,31 @@ def hpd(logits: Tensor, t: Targets, *, tail_estimate: str = "kth", forward: str 
     w_y already holds it); here y has no weight of its own. ``tail`` is read only
     with forward="cached". stats: fkl, teacher_tail_mass, student_tail_mass,
     frac_mr, r, frac_yprime_ne_y, frac_yprime_outside_topk, dropped_mass, nll.
+
+    Sampled targets: lt(y') exact when y' was drawn, else the tail estimate (module
+    docstring, "sampled"); forward="cached" weights its forward term by count/N (fkl's
+    estimate; ``tail`` must stay "bucket"). Dense targets: lt(y) and lt(y') exact;
+    forward="cached" uses the full distribution (exact KL).
     """
     _check("tail_estimate", tail_estimate, TAIL_ESTIMATES)
     _check("forward", forward, HPD_FORWARDS)
     _check("tail", tail, FKL_TAILS)
-    s, a = _active(logits, t)
-    top = _topk(a, s.vocab)
     if forward == "cached":
-        return _hpd_cached(s, a, top, tail_estimate, tail)
+        _check_sampled_tail("hpd", t, tail)
+    s, a = _active(logits, t)
+    dense = _dense(a, s.vocab) if a.teacher_logprobs is not None else None
+    top = _topk(a, s.vocab) if dense is None else None
+    if forward == "cached":
+        return _hpd_cached(s, a, top, dense, tail_estimate, tail)
     y = a.labels.long()
     y2 = _sampled(s, a)
     ls_y, ls_y2 = s.at(y), s.at(y2)
-    lt_y = a.label_logprob.float()
-    lt_y2, in_topk = _teacher_logprob_at(y2, a, top, s.vocab, tail_estimate)
+    if dense is None:
+        lt_y = a.label_logprob.float()
+        lt_y2, in_topk = _teacher_logprob_at(y2, a, top, s.vocab, tail_estimate)
+        dropped = top.dropped
+    else:
+        lt_y, lt_y2, in_topk, dropped = dense.at(y), dense.at(y2), torch.ones_like(y2, dtype=torch.bool), dense.dropped
     with torch.no_grad():
         g = (lt_y - ls_y) * ls_y.exp()
         r = (lt_y2 - ls_y2) * ls_y2.exp()
@@ -474,18 +624,27 @@ def hpd(logits: Tensor, t: Targets, *, tail_estimate: str = "kth", forward: str 
         "g": _sum(g),
         "r": _sum(r),
         "frac_yprime_outside_topk": _sum(~in_topk),
-        "dropped_mass": _sum(top.dropped),
+        "dropped_mass": _sum(dropped),
         "nll": _sum(-ls_y.detach()),
     }
     return LossOutput(loss.sum(), a.labels.shape[0], stats)
 
 
-def _hpd_cached(s: _Student, a: Targets, top: _Topk, tail_estimate: str, tail: str) -> LossOutput:
-    b = _gathered_buckets(s, top)
-    forward = _forward_kl(b, a.topk_ids.shape[-1], tail)
+def _hpd_cached(s: _Student, a: Targets, top: _Topk | None, dense: _Dense | None, tail_estimate: str, tail: str) -> LossOutput:
     y, y2 = a.labels.long(), _sampled(s, a)
     ls_y2 = s.at(y2)
-    lt_y2, in_topk = _teacher_logprob_at(y2, a, top, s.vocab, tail_estimate)
+    if dense is not None:
+        forward = _dense_forward(s, dense)
+        teacher_tail = student_tail = forward.new_zeros(forward.shape)
+        lt_y2, in_topk, dropped = dense.at(y2), torch.ones_like(y2, dtype=torch.bool), dense.dropped
+    else:
+        if top.weights is not None:
+            forward, teacher_tail, student_tail = _sampled_forward(s, top), _tail_mass(top.lt), _student_rest(s, top)
+        else:
+            b = _gathered_buckets(s, top)
+            forward, teacher_tail, student_tail = _forward_kl(b, a.topk_ids.shape[-1], tail), b.teacher_tail, b.student_tail
+        lt_y2, in_topk = _teacher_logprob_at(y2, a, top, s.vocab, tail_estimate)
+        dropped = top.dropped
     with torch.no_grad():
         r = (lt_y2 - ls_y2) * ls_y2.exp()
         m_r = r < 0
@@ -493,13 +652,13 @@ def _hpd_cached(s: _Student, a: Targets, top: _Topk, tail_estimate: str, tail: s
     loss = forward - w_y2 * ls_y2
     stats = {
         "fkl": _sum(forward),
-        "teacher_tail_mass": _sum(b.teacher_tail),
-        "student_tail_mass": _sum(b.student_tail),
+        "teacher_tail_mass": _sum(teacher_tail),
+        "student_tail_mass": _sum(student_tail),
         "frac_mr": _sum(m_r),
         "r": _sum(r),
         "frac_yprime_ne_y": _sum(y2 != y),
         "frac_yprime_outside_topk": _sum(~in_topk),
-        "dropped_mass": _sum(top.dropped),
+        "dropped_mass": _sum(dropped),
         "nll": _sum(-s.at(y).detach()),
     }
     return LossOutput(loss.sum(), a.labels.shape[0], stats)
