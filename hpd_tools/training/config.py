@@ -48,6 +48,11 @@ class DistillConfig:
     eval_cache: str | None = option(None, help="Held-out cache for eval metrics.")
     eval_every: int = option(0, help="Steps between evals (0: only with --eval-cache at the end).")
     eval_batches: int = option(0, help="Batches of --eval-cache per eval (0: all of it).")
+    # The dense reference (hpd_tools/training/dense.py)
+    dense_teacher: str | None = option(None, help="Train from this teacher's full distribution, computed online each step (a model folder or Hub id "
+                                       "sharing the student's tokenizer) on the caches' sequences; their stored teacher arrays are not used.")
+    eval_teacher: str | None = option(None, help="Evaluation also reports eval/full_fkl, forward KL to this teacher's full distribution on --eval-cache "
+                                      "(a model folder or Hub id; default: --dense-teacher).")
     save_every: int = option(0, help="Steps between checkpoints (0: only the final one).")
     keep_checkpoints: int = option(0, help="Keep the newest N step-* checkpoints, deleting older ones after each save (0: keep all).")
     log_every: int = option(1, help="Steps between metrics rows.")
@@ -106,6 +111,14 @@ class DistillConfig:
             raise HPDError(f"--betas {' '.join(map(str, self.betas))}: give two numbers in [0, 1)")
         if self.attn_implementation is not None and not (isinstance(self.attn_implementation, str) and self.attn_implementation.strip()):
             raise HPDError(f"--attn-implementation {self.attn_implementation!r}: give an implementation transformers knows (sdpa, eager, flash_attention_2, ...)")
+        for name in ("dense_teacher", "eval_teacher"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value.strip()):
+                raise HPDError(f"{_flag(name)} {value!r}: give a model folder or a Hugging Face Hub id")
+        if self.eval_teacher and not self.eval_cache:
+            raise HPDError(f"--eval-teacher {self.eval_teacher} needs --eval-cache (the held-out records it scores)")
+        if self.dense_teacher and self.loss == "sft":
+            raise HPDError(f"--dense-teacher {self.dense_teacher} with --loss sft: sft trains on the data tokens only; choose a distillation loss")
         if self.eval_every and not self.eval_cache:
             raise HPDError("--eval-every needs --eval-cache")
         if self.sample_every and not self.online_teacher:

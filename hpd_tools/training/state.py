@@ -81,6 +81,7 @@ class Training:
             raise HPDError(f"--student {config.student}: no output embedding (LM head) to distill into")
         check_widths(config, self.model, self.tokenizer, stores)
         self._check_packing()
+        self.dense_teacher, self.eval_teacher = self._load_teachers()
 
         self.slots = list(range(world.rank * config.grad_accum, (world.rank + 1) * config.grad_accum))
         stream = StepStream(config.caches, slots=self.slots, n_slots=world.world_size * config.grad_accum, weights=config.cache_weights or None,
@@ -128,6 +129,24 @@ class Training:
         if attention != "flash_attention_2":
             log.info("--pack with attention %s: packed rows use a block-diagonal mask (no variable-length kernel); "
                      "--attn-implementation flash_attention_2 trains them without one", attention)
+
+    def _load_teachers(self) -> tuple[Any, Any]:
+        """--dense-teacher and --eval-teacher (default: the dense teacher), each
+        loaded once, on this rank's device, before any step (hpd_tools/training/dense.py)."""
+        from .dense import load_teacher
+
+        config = self.config
+
+        def load(name: str, flag: str) -> Any:
+            return load_teacher(name, flag, self.tokenizer, dtype=self.dtype, device=self.device,
+                                attn_implementation=config.attn_implementation, packed=config.pack and flag == "--dense-teacher")
+
+        dense = load(config.dense_teacher, "--dense-teacher") if config.dense_teacher else None
+        if not config.eval_cache:
+            return dense, None
+        if config.eval_teacher and config.eval_teacher != config.dense_teacher:
+            return dense, load(config.eval_teacher, "--eval-teacher")
+        return dense, dense
 
     def _make_onpolicy(self) -> Any:
         from ..onpolicy import OnPolicy
@@ -253,7 +272,9 @@ class Training:
             if config.fsdp and world.distributed:
                 self.module.set_requires_gradient_sync(final_pass)
             with sync() if sync is not None and not final_pass else contextlib.nullcontext():
-                loss_sum, batch_stats = micro_step(self.module, batch, gen, self.step_config, self.device, batch_scale)
+                # The dense teacher replaces the caches' teacher arrays; rollouts keep the online teacher's scores.
+                teacher = self.dense_teacher if batch is not rollouts else None
+                loss_sum, batch_stats = micro_step(self.module, batch, gen, self.step_config, self.device, batch_scale, teacher=teacher)
             if batch is rollouts:
                 on_local = loss_sum
                 continue
@@ -304,7 +325,7 @@ class Training:
         return row
 
     def evaluate(self) -> dict[str, float]:
-        return evaluate(self.module, self.config.eval_cache, self.step_config, self.device, self.world)
+        return evaluate(self.module, self.config.eval_cache, self.step_config, self.device, self.world, teacher=self.eval_teacher)
 
     def log(self, step: int, values: dict[str, Any]) -> dict[str, Any]:
         if self.metrics is not None:

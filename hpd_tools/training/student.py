@@ -17,6 +17,7 @@ from ..errors import HPDError
 from ..hashing import tokenizer_hash
 from ..losses import SAMPLING_LOSSES, Targets, compute_loss, restrict_to_width, sample_from_logits
 from .config import DistillConfig, autocast
+from .dense import DenseTeacher, TeacherRows, full_fkl_sum
 
 log = logging.getLogger("hpd_tools.distill")  # the command's logger: what users and -v filter on
 
@@ -137,7 +138,8 @@ def _slice(t: Targets, a: int, b: int) -> Targets:
     return Targets(**{f.name: None if getattr(t, f.name) is None else getattr(t, f.name)[a:b] for f in fields(Targets)})
 
 
-def chunked_loss(model: Any, hidden: torch.Tensor, targets: Targets, config: DistillConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def chunked_loss(model: Any, hidden: torch.Tensor, targets: Targets, config: DistillConfig,
+                 teacher: TeacherRows | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Sum of the per-token loss over ``hidden``'s rows, one chunk of rows at a time.
 
     Each chunk's logits are built, used and freed inside a checkpointed call, so
@@ -147,12 +149,18 @@ def chunked_loss(model: Any, hidden: torch.Tensor, targets: Targets, config: Dis
     logits need not be bit-identical on a GPU, and a resampled y' near a CDF
     boundary would train another token than the one the weight was computed
     for. Backward then skips the sampler's softmax and cumsum, too.
+
+    With ``teacher`` (the dense reference's hidden states of these rows), each
+    chunk's ``Targets.teacher_logprobs`` [chunk, V] is made beside the student's
+    logits, under no_grad (again in the recomputation: no graph, one head matmul).
     """
     head = model.get_output_embeddings()
     samples = config.loss in SAMPLING_LOSSES
 
-    def run(h: torch.Tensor, t: Targets, drawn: list[torch.Tensor]) -> Any:
+    def run(h: torch.Tensor, t: Targets, drawn: list[torch.Tensor], a: int, b: int) -> Any:
         logits = head(h)
+        if teacher is not None:
+            t = dataclasses.replace(t, teacher_logprobs=teacher.logprobs(a, b))
         if samples:
             if not drawn:  # the forward pass; the recomputation finds the draw here
                 drawn.append(sample_from_logits(logits, t.noise))
@@ -165,7 +173,7 @@ def chunked_loss(model: Any, hidden: torch.Tensor, targets: Targets, config: Dis
         b = min(a + config.loss_chunk_tokens, hidden.shape[0])
         part = _slice(targets, a, b)
         drawn: list[torch.Tensor] = [part.sampled] if part.sampled is not None else []
-        out = checkpoint(run, hidden[a:b], part, drawn, use_reentrant=False) if torch.is_grad_enabled() else run(hidden[a:b], part, drawn)
+        out = checkpoint(run, hidden[a:b], part, drawn, a, b, use_reentrant=False) if torch.is_grad_enabled() else run(hidden[a:b], part, drawn, a, b)
         total = total + out.loss_sum.float()
         for name, value in out.stats.items():
             stats[name] = stats.get(name, 0) + value.detach().double()
@@ -177,19 +185,23 @@ def chunked_loss(model: Any, hidden: torch.Tensor, targets: Targets, config: Dis
 class StudentLoss(torch.nn.Module):
     """The student's forward pass and chunked loss for one micro-batch, as one
     module, so DDP and FSDP2 see a single forward (and backward) per micro-batch.
-    ``evaluate=True`` returns the eval sums instead (see :func:`evaluate`)."""
+    ``evaluate=True`` returns the eval sums instead (see :func:`evaluate`).
+    ``teacher`` (a dense.DenseTeacher, held outside the module so that DDP and
+    FSDP2 never wrap it) runs on the same inputs first."""
 
     def __init__(self, model: Any, config: DistillConfig):
         super().__init__()
         self.model = model
         self.config = config
 
-    def forward(self, inputs: dict[str, Any], mask: torch.Tensor, targets: Targets, evaluate: bool = False) -> Any:
+    def forward(self, inputs: dict[str, Any], mask: torch.Tensor, targets: Targets, evaluate: bool = False, teacher: DenseTeacher | None = None) -> Any:
+        rows = teacher.hidden(inputs, mask) if teacher is not None else None
         hidden = self.model.base_model(**inputs).last_hidden_state[mask]
         if not evaluate:
-            return chunked_loss(self.model, hidden, targets, self.config)
+            return chunked_loss(self.model, hidden, targets, self.config, rows)
         head, c = self.model.get_output_embeddings(), self.config.loss_chunk_tokens
-        sums = torch.zeros(5, dtype=torch.float64, device=hidden.device)
+        # fkl on the top-k, student NLL, teacher NLL, count, dropped mass, full-distribution fkl (with a teacher)
+        sums = torch.zeros(6, dtype=torch.float64, device=hidden.device)
         for a in range(0, hidden.shape[0], c):
             b = min(a + c, hidden.shape[0])
             ls = torch.log_softmax(head(hidden[a:b]).float(), dim=-1)
@@ -200,6 +212,8 @@ class StudentLoss(torch.nn.Module):
             sums[1] -= ls.gather(-1, targets.labels[a:b, None]).sum().double()
             sums[2] -= targets.label_logprob[a:b].sum().double()
             sums[4] += dropped.sum().double()
+            if rows is not None:
+                sums[5] += full_fkl_sum(rows.logprobs(a, b), ls)
         sums[3] = hidden.shape[0]
         return sums
 
@@ -209,15 +223,17 @@ def as_step_module(model: Any, config: DistillConfig) -> Any:
 
 
 
-def micro_step(model: Any, batch: Batch, noise_gen: torch.Generator, config: DistillConfig, device: torch.device, scale: float) -> tuple[float, dict[str, torch.Tensor]]:
+def micro_step(model: Any, batch: Batch, noise_gen: torch.Generator, config: DistillConfig, device: torch.device, scale: float,
+               teacher: DenseTeacher | None = None) -> tuple[float, dict[str, torch.Tensor]]:
     """Forward + backward of one micro-batch, its loss scaled by ``scale`` (1 / the
     step's response tokens). ``model`` is the student, or its StudentLoss under
-    DDP/FSDP2. Returns the unscaled loss sum and diagnostic sums."""
+    DDP/FSDP2; ``teacher``: the dense reference's full distribution replaces the
+    batch's cached teacher arrays. Returns the unscaled loss sum and diagnostic sums."""
     step_module = as_step_module(model, config)
     inputs, targets = to_targets(batch, device)
     targets.noise = torch.rand(targets.labels.shape[0], generator=noise_gen).to(device)
     with autocast(config.dtype, device):
-        loss_sum, stats = step_module(inputs, torch.from_numpy(batch.loss_mask).to(device), targets)
+        loss_sum, stats = step_module(inputs, torch.from_numpy(batch.loss_mask).to(device), targets, teacher=teacher)
     (loss_sum * scale).backward()
     return float(loss_sum.detach()), stats
 
