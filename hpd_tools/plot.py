@@ -22,6 +22,7 @@ from .outputs import check_output_file
 PANELS = [
     ("loss", "training loss", "loss per response token"),
     ("eval/fkl_topk", "held-out forward KL (teacher top-k)", "nats per token"),
+    ("eval/full_fkl", "held-out forward KL (teacher's full distribution)", "nats per token"),
     ("eval/student_nll", "held-out NLL of the data tokens", "nats per token"),
     ("onpolicy/rkl", "on-policy reverse KL (rollouts)", "nats per token"),
 ]
