@@ -1,11 +1,12 @@
 """Sampled scoring with an in-process vLLM engine, for tests/test_vllm_sampled.py.
 
 Run in a subprocess (vLLM needs a __main__ guard and may abort at interpreter exit):
-``python tests/vllm_sampled_driver.py TEACHER SEQS.npz OUT.npz``. SEQS.npz holds
+``python tests/vllm_sampled_driver.py TEACHER SEQS.npz OUT.npz [spawned]``. SEQS.npz holds
 ``seq_<i>`` token arrays, ``seeds`` and ``samples``. Scores them three ways (all at
 once; again; reversed in two batches, one of a single sequence), each with chunked
 prefill (128 batched tokens), then checks the two refusals: the tensor path off,
-and a model runner without the sampling hook.
+and a model runner without the sampling hook. With ``spawned`` (the engine core in
+a process of its own, as on GPUs) it scores them once.
 """
 
 import os
@@ -44,6 +45,11 @@ def main() -> None:
                                                                    "max_num_batched_tokens": 128, "max_num_seqs": 4})
     arrays: dict = {}
     save(arrays, "a", vllm.score(seqs, 8, samples=n, seeds=seeds))
+    if sys.argv[4:] == ["spawned"]:  # the engine core in a spawned process: the draws alone
+        vllm.close()
+        np.savez(out, **arrays)
+        sys.stdout.flush()
+        os._exit(0)
     save(arrays, "b", vllm.score(seqs, 8, samples=n, seeds=seeds))
     order = list(range(len(seqs)))[::-1]
     first = vllm.score([seqs[order[0]]], 8, samples=n, seeds=[seeds[order[0]]])
