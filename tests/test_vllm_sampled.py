@@ -3,8 +3,8 @@ against the transformers model's exact distribution, on the tiny teacher.
 
 One vLLM engine in a subprocess (tests/vllm_sampled_driver.py: vLLM needs a __main__
 guard) scores the sequences three ways and tries the two refusals; the reference draws
-are :func:`hpd_tools.sampling.sample_rows` on the transformers model's full log-probs
-with the same seeds at the same positions.
+are the transformers engine's (HFTeacher.score with the same seeds), and the statistical
+test's exact distribution the transformers model's float64 log-softmax.
 """
 
 from __future__ import annotations
@@ -68,18 +68,21 @@ def test_draws_are_deterministic_across_calls_batching_and_order(run):
             np.testing.assert_array_equal(out[f"a_{i}_label"], out[f"{other}_{i}_label"])
 
 
-def test_draws_match_the_transformers_engine_with_the_same_seeds(run, exact):
+def test_draws_match_the_transformers_engine_with_the_same_seeds(run, exact, teacher):
+    from hpd_tools.engines.hf import HFTeacher
+
     seqs, seeds, out, _ = run
+    hf = HFTeacher(str(teacher), batch_tokens=512).score(seqs, SAMPLES, samples=SAMPLES, seeds=seeds)
     same = total = 0
     for i, (seq, lp) in enumerate(zip(seqs, exact)):
         ids, lps, counts = rows(out, "a", i)
-        ref_ids, _, ref_counts = sample_rows(lp.float(), seeds[i], torch.arange(len(seq) - 1), SAMPLES)
-        match = (ids == ref_ids.numpy()).all(1) & (counts == ref_counts.numpy()).all(1)
+        ref_ids, ref_counts = hf[i].topk_ids, hf[i].sample_counts
+        match = (ids == ref_ids).all(1) & (counts == ref_counts).all(1)
         same, total = same + int(match.sum()), total + len(match)
         for r in np.flatnonzero(~match):  # a differing row: draws that crossed a CDF boundary to the next id, nothing else
             diff = np.zeros(lp.shape[1] + 1, dtype=np.int64)
             np.add.at(diff, ids[r], counts[r])
-            np.add.at(diff, ref_ids[r].numpy(), -ref_counts[r].numpy())
+            np.add.at(diff, ref_ids[r], -ref_counts[r].astype(np.int64))
             gained, lost = np.repeat(np.arange(len(diff)), diff.clip(min=0)), np.repeat(np.arange(len(diff)), (-diff).clip(min=0))
             assert len(gained) == len(lost) and (np.abs(gained - lost) == 1).all(), (i, r, gained, lost)
         # The stored log-probs are the exact teacher log-probs of the drawn ids, the label's too.
