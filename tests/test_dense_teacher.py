@@ -73,6 +73,35 @@ def test_dense_teacher_trains_from_the_cli(setup, trained_teacher, models64, tmp
     assert losses[0] == pytest.approx(total / count, rel=1e-5)
 
 
+def test_packed_and_chunked_equal_padded_and_whole(setup, trained_teacher):
+    """The teacher sees the student's packed position ids like the student: the same
+    loss and gradients as the padded batch, a 32-row chunking (checkpointed, the
+    teacher chunk remade in backward) as one chunk; the teacher gets no gradient."""
+    import copy
+
+    from hpd_tools.cache.reader import collate, pack
+    from hpd_tools.distill import micro_step
+
+    seqs = []
+    for seq in CacheReader(setup["train"], seed=3).sequences():
+        seqs.append(seq)
+        if len(seqs) == 3:
+            break
+    k = CacheReader(setup["train"]).k
+    packed = pack(seqs, k)
+    padded = collate([seqs[i] for i in packed.order], k)
+    a, tokenizer = load_student(str(setup["student"]))
+    b = copy.deepcopy(a)
+    teacher = load_teacher(str(trained_teacher), "--dense-teacher", tokenizer, dtype="float32", device=CPU, packed=True)
+    base = {"caches": [setup["train"]], "student": str(setup["student"]), "out": "unused", "loss": "fkl"}
+    la, _ = micro_step(a, padded, torch.Generator().manual_seed(5), DistillConfig(**base, loss_chunk_tokens=100000), CPU, 1.0, teacher=teacher)
+    lb, _ = micro_step(b, packed, torch.Generator().manual_seed(5), DistillConfig(**base, loss_chunk_tokens=32), CPU, 1.0, teacher=teacher)
+    assert lb == pytest.approx(la, rel=1e-5)
+    grads = [torch.cat([p.grad.flatten() for p in m.parameters()]) for m in (a, b)]
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-4)
+    assert all(p.grad is None and not p.requires_grad for p in teacher.model.parameters())
+
+
 def test_refusals_are_one_line_before_any_step(setup, tmp_path):
     """In process (the CLI prints an HPDError as one line with exit code 2)."""
     base = {"caches": [setup["train"]], "student": str(setup["student"]), "loss": "fkl", "max_steps": 1, "report_to": ["none"]}
