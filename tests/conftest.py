@@ -175,3 +175,22 @@ def vllm_server(trained_teacher, tmp_path_factory):
     yield srv
     srv.stop()
 
+
+
+@pytest.fixture(scope="session")
+def vllm_scores(trained_teacher, tmp_path_factory) -> dict:
+    """Scores from one in-process vLLM engine of the trained tiny teacher, shared by
+    tests/test_engines.py (its tensor and FlatLogprobs paths against transformers) and
+    tests/test_onpolicy_server.py (student rollouts, against a vLLM server): one
+    engine start instead of two. vLLM runs in a subprocess (tests/engine_parity.py):
+    it needs a __main__ guard and must not share the pytest process."""
+    import numpy as np
+
+    root = tmp_path_factory.mktemp("vllm-scores")
+    student = make_student(trained_teacher, root / "student")  # the weights of `setup`'s student (same teacher, same seed)
+    out = root / "scores.npz"
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "engine_parity.py"), str(trained_teacher), str(student), str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(out) as z:
+        return dict(z)

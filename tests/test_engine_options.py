@@ -1,5 +1,6 @@
 """The cache command's option checks (engine options against vLLM's EngineArgs, numbers
-out of range), and the engine in the cache key."""
+out of range), and reuse between two hf caches (the engine in the cache key is checked
+by tests/test_engines.py, beside its one vLLM cache run)."""
 
 from __future__ import annotations
 
@@ -98,22 +99,12 @@ def test_the_library_refuses_options_an_engine_does_not_take(teacher):
         check_engine_args("server", {"timeout": "soon"}, where="online_engine_args")
 
 
-def test_hf_and_vllm_caches_have_different_keys_and_share_no_rows(teacher, tmp_path):
+def test_a_second_hf_cache_takes_every_row_from_the_first(teacher, tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", train_records(4))
     common = dict(teacher=str(teacher), data=str(data), top_k=8, max_length=256, chunk_tokens=256)
     hf = build_cache(CacheConfig(engine="hf", **common))
     assert hf.complete and hf.sequences_reused == 0
-    # Reuse is on: a second hf cache elsewhere takes every record from the first ...
+    # Reuse is on: a second hf cache elsewhere takes every record from the first. (A vLLM cache of the same
+    # teacher and data takes none, the engine being in the key: tests/test_engines.py, with its one vLLM run.)
     again = build_cache(CacheConfig(engine="hf", out=str(tmp_path / "hf-copy"), **common))
     assert again.key == hf.key and again.sequences_reused == hf.sequences and again.tokens_scored == 0
-    # ... a vLLM cache of the same teacher and data takes none: the engine is in the key.
-    proc = run_cli("cache", "--teacher", str(teacher), "--data", str(data), "--top-k", "8", "--max-length", "256", "--chunk-tokens", "256",
-                   "--engine", "vllm", "--vllm-arg", "enforce_eager=true", "--json")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    vllm = json.loads(proc.stdout)
-    assert vllm["complete"] and vllm["key"] != hf.key
-    assert vllm["sequences_reused"] == 0 and vllm["units_computed"] == vllm["units_total"]
-    from hpd_tools.cache.layout import CacheStore
-
-    attrs = CacheStore(vllm["location"]).attrs
-    assert attrs["engine_name"] == "vllm" and attrs["compat"] != CacheStore(hf.location).attrs["compat"]

@@ -1,25 +1,19 @@
-"""vLLM against transformers on the tiny teacher, with real engines in subprocesses
-(vLLM needs a __main__ guard and must not share the pytest process)."""
+"""vLLM against transformers on the tiny teachers, with real engines in subprocesses
+(vLLM needs a __main__ guard and must not share the pytest process): conftest's
+session engine (vllm_scores) and one CLI cache run."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
+import json
 
 import numpy as np
 
 from conftest import run_cli, train_records, write_jsonl
 from test_cache import arrays, assert_same_content
 
-HERE = Path(__file__).parent
 
-
-def test_vllm_matches_transformers_and_both_vllm_paths_agree(teacher, tmp_path):
-    out = tmp_path / "scores.npz"
-    proc = subprocess.run([sys.executable, str(HERE / "engine_parity.py"), str(teacher), str(out)], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a = np.load(out)
+def test_vllm_matches_transformers_and_both_vllm_paths_agree(vllm_scores):
+    a = vllm_scores  # conftest: one in-process vLLM engine of the trained tiny teacher, in a subprocess
     assert bool(a["tensor_path"]), "the tensor fast path was not installed"
     for i, n in enumerate(a["lengths"]):
         fast = [a[f"fast_{i}_{x}"] for x in ("label", "ids", "lp")]
@@ -38,14 +32,27 @@ def test_vllm_matches_transformers_and_both_vllm_paths_agree(teacher, tmp_path):
         assert ((fast[1] == hf[1]) | tied).all()
 
 
-def test_cli_vllm_cache_exits_cleanly_and_matches_hf(teacher, tmp_path):
+def test_cli_vllm_cache_exits_cleanly_matches_hf_and_has_its_own_key(teacher, tmp_path):
+    """One vLLM cache run (an engine start costs more than the rest) checks the CLI
+    end to end, parity with transformers, and that the engine is in the cache key:
+    an hf cache of the same teacher and data in the cache root gives it no rows."""
+    from hpd_tools import CacheConfig, build_cache
+    from hpd_tools.cache import verify_cache
+    from hpd_tools.cache.layout import CacheStore
+
     data = write_jsonl(tmp_path / "d.jsonl", train_records(24))
-    common = ("--teacher", str(teacher), "--data", str(data), "--top-k", "16", "--max-length", "512", "--chunk-tokens", "512", "--no-reuse")
-    proc = run_cli("cache", *common, "--out", str(tmp_path / "v"), "--vllm-arg", "enforce_eager=true")
+    hf = build_cache(CacheConfig(teacher=str(teacher), data=str(data), engine="hf", top_k=16, max_length=512, chunk_tokens=512))
+    assert hf.complete and hf.sequences_reused == 0
+    # Reuse is on: the vLLM run finds the hf cache in its cache root, and takes none of its rows.
+    proc = run_cli("cache", "--teacher", str(teacher), "--data", str(data), "--top-k", "16", "--max-length", "512", "--chunk-tokens", "512",
+                   "--out", str(tmp_path / "v"), "--vllm-arg", "enforce_eager=true", "--json")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.strip() == str(tmp_path / "v")
+    vllm = json.loads(proc.stdout)  # all of stdout, flushed before the process ends itself
+    assert vllm["location"] == str(tmp_path / "v")
     assert "cache: complete" in proc.stderr
-    hf = run_cli("cache", *common, "--out", str(tmp_path / "h"), "--engine", "hf")
-    assert hf.returncode == 0, hf.stderr
-    assert_same_content(arrays(tmp_path / "v"), arrays(tmp_path / "h"), exact=False)
-    assert run_cli("verify", str(tmp_path / "v")).returncode == 0
+    assert vllm["complete"] and vllm["key"] != hf.key
+    assert vllm["sequences_reused"] == 0 and vllm["units_computed"] == vllm["units_total"]
+    attrs = CacheStore(vllm["location"]).attrs
+    assert attrs["engine_name"] == "vllm" and attrs["compat"] != CacheStore(hf.location).attrs["compat"]
+    assert_same_content(arrays(tmp_path / "v"), arrays(hf.location), exact=False)
+    assert verify_cache(tmp_path / "v").complete  # in this process: a CLI start costs seconds; verify's CLI has its own tests
