@@ -362,12 +362,12 @@ def _dense_buckets(s: _Student, d: _Dense) -> _Buckets:
 
 
 def _refuse_sampled(name: str, t: Targets) -> None:
-    if t.sample_weights is not None:
+    if t.sample_weights is not None and t.teacher_logprobs is None:  # with a dense teacher the draws are not read
         raise HPDError(f"loss {name} cannot use a sampled cache (no sound estimator from draws of the teacher alone); use fkl, rkl or hpd, or a top-k cache")
 
 
 def _check_sampled_tail(loss: str, t: Targets, tail: str) -> None:
-    if t.sample_weights is not None and tail != "bucket":
+    if t.sample_weights is not None and t.teacher_logprobs is None and tail != "bucket":
         raise HPDError(f"loss {loss}: option tail={tail} does not apply to a sampled cache (the estimate needs no tail); drop the option")
 
 

@@ -257,7 +257,21 @@ def dense_targets(batch: Batch, device: Any) -> tuple[dict[str, Any], Any]:
         topk_logprobs=torch.from_numpy(batch.topk_logprobs).to(device)[mask],
         noise=torch.zeros(int(mask.sum()), device=device),
     )
+    if batch.sample_counts is not None:
+        _sampled(targets, torch.from_numpy(batch.sample_counts).to(device)[mask])
     return inputs, targets
+
+
+def _sampled(targets: Any, counts: Any) -> None:
+    """A sampled cache's rows: weights count/N (N the rows' width: the cache's
+    ``samples``) and padding (count 0) at log-prob -inf, id 0. [rows, N] work on
+    the targets' device."""
+    import torch
+
+    pad = counts == 0
+    targets.sample_weights = counts.to(torch.float32) / counts.shape[-1]
+    targets.topk_logprobs = targets.topk_logprobs.masked_fill(pad, float("-inf"))
+    targets.topk_ids = targets.topk_ids.masked_fill(pad, 0)
 
 
 _DELTAS: dict[Any, Any] = {}  # device -> float64 [256]: the codec's distance below the top-1 of each code
@@ -313,5 +327,7 @@ def batch_targets(batch: Batch, device: Any) -> tuple[dict[str, Any], Any]:
         topk_logprobs=(seg("topk_head").to(torch.float64)[:, None] - _deltas(ids.device)[codes]).to(torch.float32),
         noise=torch.zeros(n, device=ids.device),
     )
+    if "sample_counts" in payload.segments:
+        _sampled(targets, seg("sample_counts"))
     return inputs, targets
 

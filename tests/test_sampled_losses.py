@@ -367,3 +367,14 @@ def test_refusals_on_sampled_targets_are_one_line(teacher):
         with pytest.raises(HPDError, match=r"option tail=\w+ does not apply to a sampled cache"):
             compute_loss(name, z, t, **opts)
     compute_loss("hpd", z, t, tail="renormalize")  # tail is read only with forward=cached
+
+
+def test_a_dense_teacher_overrides_sampled_targets(teacher):
+    """--dense-teacher on a sampled cache: teacher_logprobs set beside the draws; the
+    loss is the dense one and nothing is refused (the draws are not read)."""
+    z, lt, labels, noise = teacher
+    t = sampled_targets(lt, 0, 8, labels=labels, noise=noise)
+    both = with_(t, teacher_logprobs=lt)
+    dense = with_(t, teacher_logprobs=lt, sample_weights=None)
+    for name, opts in [("fkl", {"tail": "renormalize"}), ("jsd", {}), ("akl", {}), ("hpd", {"forward": "cached", "tail": "ignore"})]:
+        assert torch.equal(compute_loss(name, z, both, **opts).loss_sum, compute_loss(name, z, dense, **opts).loss_sum)

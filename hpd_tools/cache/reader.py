@@ -46,7 +46,8 @@ class CachedSequence:
     loss_mask: np.ndarray  # bool [L]
     label_logprob: np.ndarray  # float32 [L]
     topk_ids: np.ndarray  # int64 [L, k]
-    topk_logprobs: np.ndarray  # float32 [L, k]; rows where loss_mask is False are 0
+    topk_logprobs: np.ndarray  # float32 [L, k]; rows where loss_mask is False are 0; a sampled cache's padding (count 0) -inf
+    sample_counts: np.ndarray | None = None  # uint8 [L, N] (a sampled cache: each drawn id's count, 0 = padding); None: top-k
 
 
 class _Dense:
@@ -90,9 +91,10 @@ class Batch:
     topk_logprobs: np.ndarray = _Dense()  # type: ignore[assignment]  # float32 [B, T, k]
     position_ids: np.ndarray | None = None  # int64 [B, T] when packed
     payload: Payload | None = None
+    sample_counts: np.ndarray | None = _Dense()  # type: ignore[assignment]  # uint8 [B, T, N]: a sampled cache's counts; None: top-k
 
     def __post_init__(self) -> None:
-        if self.payload is not None and any(self.__dict__.get(n) is not None for n in ("label_logprob", "topk_ids", "topk_logprobs")):
+        if self.payload is not None and any(self.__dict__.get(n) is not None for n in ("label_logprob", "topk_ids", "topk_logprobs", "sample_counts")):
             self.payload = None
 
     @property
@@ -112,7 +114,8 @@ class Payload:
     positions in row-major order of ``loss_mask``: ``labels`` int32 [R],
     ``label_logprob`` [R] (float16 or float32, as stored), ``topk_head``
     float16 [R], ``topk_ids`` [R, k] (uint16 or int32), ``topk_codes`` uint8
-    [R, k] (hpd_tools.cache.codec).
+    [R, k] (hpd_tools.cache.codec), and for a sampled cache ``sample_counts``
+    uint8 [R, k] (0: padding, whose code decodes to no real entry).
 
     ``buffer`` is a numpy uint8 array, or a pinned torch tensor on CUDA machines
     (``host`` is then its numpy view)."""
@@ -136,10 +139,15 @@ class Payload:
     def nbytes(self) -> int:
         return int(self.host.nbytes)
 
-    def dense(self, name: str, loss_mask: np.ndarray) -> np.ndarray:
-        """The dense [B, T(, k)] array of an old-style Batch field."""
+    def dense(self, name: str, loss_mask: np.ndarray) -> np.ndarray | None:
+        """The dense [B, T(, k)] array of an old-style Batch field (None: sample_counts of a top-k batch)."""
         b, t = self.shape
-        if name == "label_logprob":
+        if name == "sample_counts":
+            if name not in self.segments:
+                return None
+            out = np.zeros((b, t, self.k), dtype=np.uint8)
+            out[loss_mask] = self.array("sample_counts")
+        elif name == "label_logprob":
             out = np.zeros((b, t), dtype=np.float32)
             out[loss_mask] = self.array("label_logprob")
         elif name == "topk_ids":
@@ -148,6 +156,8 @@ class Payload:
         else:
             out = np.zeros((b, t, self.k), dtype=np.float32)
             out[loss_mask] = codec.decode_logprobs(self.array("topk_head"), self.array("topk_codes"))
+            if "sample_counts" in self.segments:
+                out[loss_mask] = np.where(self.array("sample_counts") == 0, -np.inf, out[loss_mask])
         return out
 
 
@@ -162,11 +172,12 @@ class _Rows:
     topk_head: np.ndarray
     topk_ids: np.ndarray
     topk_codes: np.ndarray
+    sample_counts: np.ndarray  # uint8 [R, k] of a sampled cache; empty for a top-k one
 
     def split(self, n: int) -> tuple[_Rows, _Rows]:
         """The first ``n`` rows and the rest."""
         m = int(self.loss_mask[:n].sum()) if len(self.topk_ids) else 0
-        teach = (self.label_logprob, self.topk_head, self.topk_ids, self.topk_codes)
+        teach = (self.label_logprob, self.topk_head, self.topk_ids, self.topk_codes, self.sample_counts)
         return (_Rows(self.tokens[:n].copy(), self.loss_mask[:n].copy(), *(x[:m].copy() for x in teach)),
                 _Rows(self.tokens[n:], self.loss_mask[n:], *(x[m:] for x in teach)))
 
@@ -190,6 +201,7 @@ class _UnitRows:
     topk_ids: np.ndarray  # uint16/int32 [R, k]
     topk_codes: np.ndarray  # uint8 [R, k]
     example_ids: np.ndarray  # [S]
+    sample_counts: np.ndarray | None = None  # uint8 [R, k]: a sampled cache's counts; None: top-k
 
     def sequence(self, index: int) -> SequenceRows:
         j = index - self.first
@@ -250,6 +262,8 @@ class CacheReader:
             if done < self.store.n_units:
                 raise CacheCorruptError(f"{path}: marked complete but only {done}/{self.store.n_units} units have markers; the cache is damaged: delete it and rerun `hpd-tools cache`")
         self.k = self.store.k
+        self.signal = self.store.signal  # "topk" or "sampled" (whose rows carry sample_counts)
+        self.sampled = self.signal == "sampled"
         self._example_ids = self.store.array("example_id")
         # Fewer units than ranks: ranks share units, each taking its share of the sequences.
         self.by_sequence = world_size > self.store.n_units
@@ -284,10 +298,14 @@ class CacheReader:
         if first >= last:
             return []
         lo, hi = int(self.offsets[first]), int(self.offsets[last])
-        a = {name: self._read(name, slice(lo, hi), f"unit {unit}") for name in ("tokens", "loss_mask", "label_logprob", "topk_ids", "topk_logprobs", "topk_head")}
+        names = ("tokens", "loss_mask", "label_logprob", "topk_ids", "topk_logprobs", "topk_head") + (("sample_counts",) if self.sampled else ())
+        a = {name: self._read(name, slice(lo, hi), f"unit {unit}") for name in names}
         ids = self._read("example_id", slice(first, last), f"unit {unit}")
         logprobs = codec.decode_logprobs(a["topk_head"], a["topk_logprobs"])
+        if self.sampled:  # padding (count 0) is no entry: whatever its code decodes to, it reads -inf
+            logprobs[a["sample_counts"] == 0] = -np.inf
         logprobs[~a["loss_mask"]] = 0.0
+        counts = a.get("sample_counts")
         out = []
         for j, s in enumerate(range(first, last)):
             p, q = int(self.offsets[s]) - lo, int(self.offsets[s + 1]) - lo
@@ -300,6 +318,7 @@ class CacheReader:
                     label_logprob=a["label_logprob"][p:q].astype(np.float32),
                     topk_ids=a["topk_ids"][p:q].astype(np.int64),
                     topk_logprobs=logprobs[p:q],
+                    sample_counts=None if counts is None else counts[p:q],
                 )
             )
         return out
@@ -329,16 +348,19 @@ class CacheReader:
             rows = rows.join(spill if spill is not None else self._rows(end, hi, teacher, f"unit {unit}"))
         starts = (self.offsets[first : last + 1] - lo).astype(np.int64)
         trained = np.searchsorted(np.flatnonzero(rows.loss_mask), starts).astype(np.int64) if teacher else np.zeros(len(starts), dtype=np.int64)
-        unit_rows = _UnitRows(first, starts, trained, rows.tokens, rows.loss_mask, rows.label_logprob, rows.topk_head, rows.topk_ids, rows.topk_codes, ids)
+        unit_rows = _UnitRows(first, starts, trained, rows.tokens, rows.loss_mask, rows.label_logprob, rows.topk_head, rows.topk_ids, rows.topk_codes, ids,
+                              rows.sample_counts if self.sampled and teacher else None)
         return unit_rows, kept
 
     def _rows(self, lo: int, hi: int, teacher: bool, what: str) -> _Rows:
-        names = ("tokens", "loss_mask") + (("label_logprob", "topk_head", "topk_ids", "topk_logprobs") if teacher else ())
+        names = ("tokens", "loss_mask") + (("label_logprob", "topk_head", "topk_ids", "topk_logprobs") if teacher else ()) + (("sample_counts",) if teacher and self.sampled else ())
         a = self._read_many({name: (name, slice(lo, hi)) for name in names}, what)
+        no_counts = np.zeros((0, self.k), np.uint8)
         if not teacher:
-            return _Rows(a["tokens"], a["loss_mask"], np.zeros(0, np.float32), np.zeros(0, np.float16), np.zeros((0, self.k), np.int32), np.zeros((0, self.k), np.uint8))
+            return _Rows(a["tokens"], a["loss_mask"], np.zeros(0, np.float32), np.zeros(0, np.float16), np.zeros((0, self.k), np.int32), np.zeros((0, self.k), np.uint8), no_counts)
         trained = np.flatnonzero(a["loss_mask"])
-        return _Rows(a["tokens"], a["loss_mask"], *(a[name][trained] for name in names[2:]))
+        counts = a["sample_counts"][trained] if self.sampled else no_counts
+        return _Rows(a["tokens"], a["loss_mask"], *(a[name][trained] for name in names[2:6]), counts)
 
     def _read_many(self, reads: dict[str, tuple[str, slice]], what: str) -> dict[str, np.ndarray]:
         # One after another: issuing them from threads at once was measured no faster
@@ -525,6 +547,7 @@ def collate(seqs: list[CachedSequence], k: int) -> Batch:
         label_logprob=np.zeros((b, t), dtype=np.float32),
         topk_ids=np.zeros((b, t, k), dtype=np.int64),
         topk_logprobs=np.zeros((b, t, k), dtype=np.float32),
+        sample_counts=_counts_like(seqs, (b, t, k)),
     )
     for i, s in enumerate(seqs):
         n = len(s.tokens)
@@ -533,7 +556,18 @@ def collate(seqs: list[CachedSequence], k: int) -> Batch:
         batch.label_logprob[i, :n] = s.label_logprob
         batch.topk_ids[i, :n] = s.topk_ids
         batch.topk_logprobs[i, :n] = s.topk_logprobs
+        if batch.sample_counts is not None:
+            batch.sample_counts[i, :n] = s.sample_counts
     return batch
+
+
+def _counts_like(seqs: list[Any], shape: tuple[int, ...]) -> np.ndarray | None:
+    """A zero uint8 [B, T, k] for a batch of a sampled cache's sequences, None for top-k
+    ones; a batch mixing the two is a bug (training refuses such caches up front)."""
+    sampled = {getattr(s, "sample_counts", None) is not None if isinstance(s, CachedSequence) else s.unit.sample_counts is not None for s in seqs}
+    if len(sampled) > 1:
+        raise ValueError("a batch mixes sequences of a sampled and a top-k cache")
+    return np.zeros(shape, dtype=np.uint8) if sampled == {True} else None
 
 
 def pack_rows(lengths: list[int], width: int) -> list[list[int]]:
@@ -578,6 +612,7 @@ def pack(seqs: list[CachedSequence], k: int, width: int | None = None) -> Batch:
         topk_ids=np.zeros((b, t, k), dtype=np.int64),
         topk_logprobs=np.zeros((b, t, k), dtype=np.float32),
         position_ids=np.zeros((b, t), dtype=np.int64),
+        sample_counts=_counts_like(seqs, (b, t, k)),
     )
     batch.order = np.array([i for g in groups for i in g], dtype=np.int64)  # type: ignore[attr-defined]  # seqs[i] by batch position
     for r, group in enumerate(groups):
@@ -589,6 +624,8 @@ def pack(seqs: list[CachedSequence], k: int, width: int | None = None) -> Batch:
             batch.label_logprob[r, at : at + n] = s.label_logprob
             batch.topk_ids[r, at : at + n] = s.topk_ids
             batch.topk_logprobs[r, at : at + n] = s.topk_logprobs
+            if batch.sample_counts is not None:
+                batch.sample_counts[r, at : at + n] = s.sample_counts
             batch.position_ids[r, at : at + n] = np.arange(n)
             at += n
         batch.position_ids[r, at:] = np.arange(t - at)
@@ -617,6 +654,9 @@ def assemble(seqs: list[SequenceRows], k: int, *, packed: bool = False, width: i
     plan = [("input_ids", np.dtype(np.int32), (b, t)), ("position_ids", np.dtype(np.int32), (b, t)) if packed else ("lengths", np.dtype(np.int32), (b,)),
             ("labels", np.dtype(np.int32), (n_rows,)), ("label_logprob", label_dtype, (n_rows,)), ("topk_head", np.dtype(np.float16), (n_rows,)),
             ("topk_ids", ids_dtype, (n_rows, k)), ("topk_codes", np.dtype(np.uint8), (n_rows, k))]
+    sampled = _counts_like(seqs, (0,)) is not None
+    if sampled:
+        plan.append(("sample_counts", np.dtype(np.uint8), (n_rows, k)))
     segments, at = {}, 0
     for name, dtype, shape in plan:
         segments[name] = (at, dtype, shape)
@@ -632,6 +672,7 @@ def assemble(seqs: list[SequenceRows], k: int, *, packed: bool = False, width: i
     ids[:] = 0
     mask = np.zeros((b, t), dtype=bool)
     head, label, top_ids, codes = (payload.array(n) for n in ("topk_head", "label_logprob", "topk_ids", "topk_codes"))
+    counts = payload.array("sample_counts") if sampled else None
     positions = payload.array("position_ids") if packed else None
     steps = np.arange(t, dtype=np.int32)
     r = 0
@@ -648,6 +689,8 @@ def assemble(seqs: list[SequenceRows], k: int, *, packed: bool = False, width: i
             codes[r : r + m] = u.topk_codes[s.a : s.b]
             head[r : r + m] = u.topk_head[s.a : s.b]
             label[r : r + m] = u.label_logprob[s.a : s.b]
+            if counts is not None:
+                counts[r : r + m] = u.sample_counts[s.a : s.b]
             r, x = r + m, x + n
         if positions is not None:
             positions[row, x:] = steps[: t - x]

@@ -29,7 +29,7 @@ from .config import DistillConfig, lr_factor, resolve_dtype, set_matmul_precisio
 from .evaluation import evaluate
 from .metrics import Metrics
 from .run_folder import write_run_marker
-from .student import StudentLoss, check_caches, check_widths, load_student, micro_step, packing_works, to_targets
+from .student import StudentLoss, check_caches, check_signal, check_widths, load_student, micro_step, packing_works, to_targets
 
 log = logging.getLogger("hpd_tools.distill")  # the command's logger: what users and -v filter on
 
@@ -75,6 +75,7 @@ class Training:
         self.step_config = dataclasses.replace(config, dtype=dtype)
         self.model, self.tokenizer = load_student(config.student, config.attn_implementation)
         stores = check_caches(config.caches, self.tokenizer)
+        check_signal(config, stores)
         if config.eval_cache:
             check_caches([config.eval_cache], self.tokenizer, what="--eval-cache")
         if self.model.get_output_embeddings() is None or not hasattr(self.model, "base_model"):

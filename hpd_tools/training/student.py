@@ -73,10 +73,35 @@ def check_caches(paths: list[str], tokenizer: Any, what: str = "--cache") -> lis
             )
         store.check_chunk_files()  # a deleted or truncated chunk stops the run before it trains, not when the stream reaches it
         stores.append(store)
+    # One signal per run (one estimator): a top-k cache's weights and a sampled one's mean different things.
+    topk, sampled = ([s for s in stores if s.signal == kind] for kind in ("topk", "sampled"))
+    if topk and sampled:
+        raise HPDError(f"{what} {topk[0].path} (top-k, k={topk[0].k}) and {what} {sampled[0].path} (sampled, N={sampled[0].k}): "
+                       "a run trains on one signal; distill from top-k caches or from sampled caches, not both")
+    other = next((s for s in sampled if s.k != sampled[0].k), None)
+    if other is not None:
+        raise HPDError(f"{what} {sampled[0].path} (sampled, N={sampled[0].k}) and {what} {other.path} (sampled, N={other.k}): "
+                       "sampled caches mixed in one run need the same --samples")
     ks = {s.k for s in stores}
     if len(ks) > 1:
         raise HPDError(f"--cache: caches have different top-k ({sorted(ks)}); mix caches with one k")
     return stores
+
+
+def check_signal(config: DistillConfig, stores: list[CacheStore]) -> None:
+    """Refuse, before training, a loss (or loss option) that cannot read a sampled
+    cache: jsd and akl have no sound estimator from draws of the teacher alone, and
+    fkl's tail (hpd forward=cached's) does not apply to draws. A dense teacher
+    replaces the caches' teacher arrays, so anything goes with it."""
+    sampled = next((s for s in stores if s.signal == "sampled"), None)
+    if sampled is None or config.dense_teacher:
+        return
+    if config.loss in ("jsd", "akl"):
+        raise HPDError(f"--loss {config.loss} cannot use sampled cache {sampled.path} (no sound estimator from draws of the teacher alone); "
+                       "use fkl, rkl or hpd, or a top-k cache")
+    tail = config.loss_options.get("tail", "bucket")
+    if tail != "bucket" and (config.loss == "fkl" or (config.loss == "hpd" and config.loss_options.get("forward") == "cached")):
+        raise HPDError(f"--loss-option tail={tail} does not apply to sampled cache {sampled.path} (the {config.loss} estimate needs no tail); drop the option")
 
 
 def check_widths(config: DistillConfig, model: Any, tokenizer: Any, stores: list[CacheStore]) -> None:
