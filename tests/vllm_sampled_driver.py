@@ -58,6 +58,11 @@ def main() -> None:
     for i, sc in zip(order, first + rest):
         back[i] = sc
     save(arrays, "c", back)
+    if "data" in data.files:  # a sampled cache through the real writer with this engine
+        from hpd_tools.cache import CacheConfig, build_cache
+
+        build_cache(CacheConfig(teacher=teacher, data=str(data["data"]), engine="vllm", signal="sampled", samples=n, out=str(data["cache_out"]),
+                                chunk_tokens=512, max_length=256, reuse=False), teacher=vllm)
     topk = vllm.score(seqs[:1], 8)  # top-k beside sampled requests on the same engine
     arrays["topk_ids"], arrays["topk_lp"] = topk[0].topk_ids, topk[0].topk_logprobs
 
