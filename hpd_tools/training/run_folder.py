@@ -134,6 +134,7 @@ RESUME_MAY_CHANGE = {
     "eval_cache": "evaluation only",
     "eval_every": "evaluation only",
     "eval_batches": "evaluation only",
+    "eval_teacher": "evaluation only",
     "save_every": "checkpoints only",
     "log_every": "logging only",
     "report_to": "logging only",
