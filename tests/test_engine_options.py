@@ -64,14 +64,22 @@ def test_vllm_engine_options_are_checked_against_engine_args(teacher):
 
 
 def test_unknown_vllm_arg_is_one_line_before_the_data_is_read(teacher, tmp_path, cache_home):
+    from fuzz_driver import changed, digest
+
+    before = digest(teacher)
     # The data file does not exist: the engine option is refused before it is looked at.
-    proc = run_cli("cache", "--teacher", str(teacher), "--data", str(tmp_path / "missing.jsonl"), "--vllm-arg", "no_such_option=1")
+    proc = run_cli("cache", "--teacher", str(teacher), "--data", str(tmp_path / "missing.jsonl"), "--top-k", "8", "--max-length", "256",
+                   "--vllm-arg", "tensor_paralel_size=1", "--out", str(tmp_path / "out"))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and errors[0].startswith("error: --vllm-arg no_such_option=1: vLLM"), proc.stderr
-    assert "did you mean" in errors[0] and "EngineArgs" in errors[0]
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0] == lines[-1], proc.stderr
+    assert re.search(r"^error: --vllm-arg tensor_paralel_size=1: vLLM .*did you mean tensor_parallel_size", errors[0]), errors[0]
+    assert "EngineArgs" in errors[0]
     assert not cache_home.exists() or not any(cache_home.iterdir())
+    assert not (tmp_path / "out").exists()
+    assert not changed(before, digest(teacher))
 
 
 # Out-of-range cache options through the CLI (--batch-tokens 0, --seed -1, --workers 0, --gpus-per-worker 0,
