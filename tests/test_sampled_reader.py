@@ -180,3 +180,24 @@ def test_mixing_and_losses_that_cannot_read_draws_are_refused_in_one_line(caches
     with pytest.raises(HPDError, match=rf"^--loss jsd cannot use sampled cache {sampled} "):
         train(dataclasses.replace(config("jsd"), report_to=["none"], max_steps=1))
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
+def test_eval_on_a_sampled_cache_reports_the_count_weighted_estimate(caches, setup):
+    """eval/fkl_topk on a sampled --eval-cache is sum_v (count_v/N) (lt_v - ls_v) per response
+    token (the unbiased estimate of forward KL to the full distribution), not a KL on the drawn set."""
+    from hpd_tools.training.evaluation import evaluate
+
+    model = AutoModelForCausalLM.from_pretrained(setup["student"]).eval()
+    config = DistillConfig(caches=[str(caches[N])], student=str(setup["student"]), out="unused", batch_tokens=600, dtype="float32")
+    got = evaluate(model, str(caches[N]), config, torch.device("cpu"))
+    total = count = 0.0
+    with torch.no_grad():
+        for batch in CacheReader(caches[N], shuffle=False).batches(600, compact=False):
+            inputs, t = dense_targets(batch, torch.device("cpu"))
+            ls = model(**inputs).logits[torch.from_numpy(batch.loss_mask)].double().log_softmax(-1)
+            w = t.sample_weights.double()
+            lt = t.topk_logprobs.double().masked_fill(w == 0, 0.0)
+            total += float((w * (lt - ls.gather(-1, t.topk_ids))).sum())
+            count += float(w.shape[0])
+    assert got["eval/tokens"] == count
+    assert got["eval/fkl_topk"] == pytest.approx(total / count, rel=1e-5)

@@ -232,7 +232,9 @@ class StudentLoss(torch.nn.Module):
             ls = torch.log_softmax(head(hidden[a:b]).float(), dim=-1)
             # Teacher ids past the student's width drop out of the top-k (hpd_tools.losses, "Widths").
             ids, lt, dropped = restrict_to_width(targets.topk_ids[a:b], targets.topk_logprobs[a:b], ls.shape[-1])
-            p = lt.exp()
+            # On a sampled cache the weights are count/N (0 on padding): the unbiased estimate of
+            # forward KL to the full distribution, not a KL on the drawn set.
+            p = lt.exp() if targets.sample_weights is None else targets.sample_weights[a:b].float().masked_fill(~torch.isfinite(lt), 0.0)
             sums[0] += (p * torch.where(p > 0, lt - ls.gather(-1, ids), 0.0)).sum().double()
             sums[1] -= ls.gather(-1, targets.labels[a:b, None]).sum().double()
             sums[2] -= targets.label_logprob[a:b].sum().double()
