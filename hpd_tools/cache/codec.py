@@ -225,8 +225,42 @@ def decode_ids(raw: bytes | memoryview | np.ndarray, dtype: np.dtype, shape: tup
     return out.reshape(shape)
 
 
+class _NumpyCodec(ArrayBytesCodec):
+    """The zarr plumbing the codecs below share: each chunk goes to ``encode_array``
+    as a little-endian numpy array and comes back from ``decode_array``; zarr's async
+    entry points call the sync ones (the work is numpy and Zstd)."""
+
+    def encode_array(self, values: np.ndarray) -> bytes | np.ndarray:
+        raise NotImplementedError
+
+    def decode_array(self, raw: np.ndarray, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        raise NotImplementedError
+
+    def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: "ArraySpec") -> NDBuffer:
+        values = self.decode_array(chunk_bytes.as_numpy_array(), chunk_spec.dtype.to_native_dtype(), tuple(chunk_spec.shape))
+        return chunk_spec.prototype.nd_buffer.from_ndarray_like(values)
+
+    async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: "ArraySpec") -> NDBuffer:
+        return self._decode_sync(chunk_bytes, chunk_spec)
+
+    def _encode_sync(self, chunk_array: NDBuffer, chunk_spec: "ArraySpec") -> Buffer | None:
+        values = np.asarray(chunk_array.as_numpy_array())
+        if values.dtype.byteorder == ">":
+            values = values.astype(values.dtype.newbyteorder("<"))
+        out = self.encode_array(values)
+        if isinstance(out, np.ndarray):
+            return chunk_spec.prototype.buffer.from_array_like(out)
+        return chunk_spec.prototype.buffer.from_bytes(out)
+
+    async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: "ArraySpec") -> Buffer | None:
+        return self._encode_sync(chunk_array, chunk_spec)
+
+    def compute_encoded_size(self, input_byte_length: int, _chunk_spec: "ArraySpec") -> int:
+        raise NotImplementedError
+
+
 @dataclass(frozen=True)
-class TopkIdsCodec(ArrayBytesCodec):
+class TopkIdsCodec(_NumpyCodec):
     """Zarr v3 array -> bytes codec for top-k ids [..., k] (uint16 or int32):
     a 13-byte header (magic ``HPI1``, id width, head length h, table size T), then
     one Zstd frame: a bitmap of the rows stored (``numpy.packbits``; rows of zeros,
@@ -248,25 +282,11 @@ class TopkIdsCodec(ArrayBytesCodec):
     def to_dict(self) -> dict[str, Any]:
         return {"name": IDS_CODEC, "configuration": {"level": self.level, "head": self.head}}
 
-    def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: "ArraySpec") -> NDBuffer:
-        dtype = chunk_spec.dtype.to_native_dtype()
-        ids = decode_ids(chunk_bytes.as_numpy_array(), dtype, tuple(chunk_spec.shape))
-        return chunk_spec.prototype.nd_buffer.from_ndarray_like(ids)
+    def decode_array(self, raw: np.ndarray, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        return decode_ids(raw, dtype, shape)
 
-    async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: "ArraySpec") -> NDBuffer:
-        return self._decode_sync(chunk_bytes, chunk_spec)
-
-    def _encode_sync(self, chunk_array: NDBuffer, chunk_spec: "ArraySpec") -> Buffer | None:
-        ids = np.asarray(chunk_array.as_numpy_array())
-        if ids.dtype.byteorder == ">":
-            ids = ids.astype(ids.dtype.newbyteorder("<"))
-        return chunk_spec.prototype.buffer.from_bytes(encode_ids(ids, self.level, self.head))
-
-    async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: "ArraySpec") -> Buffer | None:
-        return self._encode_sync(chunk_array, chunk_spec)
-
-    def compute_encoded_size(self, input_byte_length: int, _chunk_spec: "ArraySpec") -> int:
-        raise NotImplementedError
+    def encode_array(self, values: np.ndarray) -> bytes:
+        return encode_ids(values, self.level, self.head)
 
 
 _BYTE_PREFIX = np.uint64(0x0101010101010101)
@@ -293,7 +313,7 @@ def from_rank_steps(steps: np.ndarray, monotone: bool = True) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class RankDeltaCodec(ArrayBytesCodec):
+class RankDeltaCodec(_NumpyCodec):
     """Zarr v3 array -> bytes codec for uint8 codes [..., k] that never decrease along
     the last axis: one flag byte (1: every row is non-decreasing, 0: not), then
     code[..., j] - code[..., j-1] modulo 256 (code[..., 0] as is), row-major.
@@ -309,29 +329,21 @@ class RankDeltaCodec(ArrayBytesCodec):
     def to_dict(self) -> dict[str, Any]:
         return {"name": DELTA_CODEC}
 
-    def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: "ArraySpec") -> NDBuffer:
-        raw = chunk_bytes.as_numpy_array().view(np.uint8)
-        count = int(np.prod(chunk_spec.shape))
+    def decode_array(self, raw: np.ndarray, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        raw = raw.view(np.uint8)
+        count = int(np.prod(shape))
         if len(raw) != count + 1 or raw[0] > 1:
             raise ValueError(f"{DELTA_CODEC}: chunk of {len(raw)} bytes (flag {raw[0] if len(raw) else None}), expected {count + 1} with flag 0 or 1")
-        codes = from_rank_steps(raw[1:].reshape(chunk_spec.shape), monotone=bool(raw[0]))
-        return chunk_spec.prototype.nd_buffer.from_ndarray_like(codes)
+        return from_rank_steps(raw[1:].reshape(shape), monotone=bool(raw[0]))
 
-    async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: "ArraySpec") -> NDBuffer:
-        return self._decode_sync(chunk_bytes, chunk_spec)
-
-    def _encode_sync(self, chunk_array: NDBuffer, chunk_spec: "ArraySpec") -> Buffer | None:
-        codes = np.asarray(chunk_array.as_numpy_array())
+    def encode_array(self, codes: np.ndarray) -> np.ndarray:
         if codes.dtype != np.uint8:
             raise TypeError(f"{DELTA_CODEC} stores uint8 codes, not {codes.dtype}")
         monotone = codes.shape[-1] < 2 or not (codes[..., 1:] < codes[..., :-1]).any()
         out = np.empty(codes.size + 1, dtype=np.uint8)
         out[0] = monotone
         out[1:] = rank_steps(codes).reshape(-1)
-        return chunk_spec.prototype.buffer.from_array_like(out)
-
-    async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: "ArraySpec") -> Buffer | None:
-        return self._encode_sync(chunk_array, chunk_spec)
+        return out
 
     def compute_encoded_size(self, input_byte_length: int, _chunk_spec: "ArraySpec") -> int:
         return input_byte_length + 1
@@ -434,7 +446,7 @@ def decode_ragged(raw: bytes | memoryview | np.ndarray, dtype: np.dtype, shape: 
 
 
 @dataclass(frozen=True)
-class RaggedCodec(ArrayBytesCodec):
+class RaggedCodec(_NumpyCodec):
     """Zarr v3 array -> bytes codec for rows [..., k] of which only a prefix holds data
     (sampled caches: each position's distinct drawn ids, their codes and counts; the
     rest is padding). Each row is stored up to its last entry that is not ``fill``.
@@ -463,24 +475,11 @@ class RaggedCodec(ArrayBytesCodec):
     def to_dict(self) -> dict[str, Any]:
         return {"name": RAGGED_CODEC, "configuration": {"kind": self.kind, "fill": self.fill, "level": self.level}}
 
-    def _decode_sync(self, chunk_bytes: Buffer, chunk_spec: "ArraySpec") -> NDBuffer:
-        values = decode_ragged(chunk_bytes.as_numpy_array(), chunk_spec.dtype.to_native_dtype(), tuple(chunk_spec.shape), self.kind, self.fill)
-        return chunk_spec.prototype.nd_buffer.from_ndarray_like(values)
+    def decode_array(self, raw: np.ndarray, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+        return decode_ragged(raw, dtype, shape, self.kind, self.fill)
 
-    async def _decode_single(self, chunk_bytes: Buffer, chunk_spec: "ArraySpec") -> NDBuffer:
-        return self._decode_sync(chunk_bytes, chunk_spec)
-
-    def _encode_sync(self, chunk_array: NDBuffer, chunk_spec: "ArraySpec") -> Buffer | None:
-        values = np.asarray(chunk_array.as_numpy_array())
-        if values.dtype.byteorder == ">":
-            values = values.astype(values.dtype.newbyteorder("<"))
-        return chunk_spec.prototype.buffer.from_bytes(encode_ragged(values, self.kind, self.fill, self.level))
-
-    async def _encode_single(self, chunk_array: NDBuffer, chunk_spec: "ArraySpec") -> Buffer | None:
-        return self._encode_sync(chunk_array, chunk_spec)
-
-    def compute_encoded_size(self, input_byte_length: int, _chunk_spec: "ArraySpec") -> int:
-        raise NotImplementedError
+    def encode_array(self, values: np.ndarray) -> bytes:
+        return encode_ragged(values, self.kind, self.fill, self.level)
 
 
 register_codec(IDS_CODEC, TopkIdsCodec)
