@@ -111,6 +111,18 @@ def test_dense_teacher_with_impossible_tokens_and_a_narrow_teacher_stays_finite(
     close(zz.grad, z64.grad)
 
 
+def assert_halves_add_up(name, opts, z, tm, whole, grad, cut):
+    """The loss of rows [:cut] plus rows [cut:] equals the loss of all rows ``whole``
+    (value, stats, and gradient ``grad`` on the active rows)."""
+    zc = z.detach().clone().requires_grad_()
+    halves = [LOSSES[name](zc[s], tm.rows(s), **opts) for s in (slice(0, cut), slice(cut, z.shape[0]))]
+    sum(h.loss_sum for h in halves).backward()
+    close(whole.loss_sum, sum(h.loss_sum for h in halves))
+    close(grad[tm.mask], zc.grad[tm.mask])
+    for key in whole.stats:
+        close(whole.stats[key], halves[0].stats[key] + halves[1].stats[key])
+
+
 @pytest.mark.parametrize("name,opts", DENSE, ids=DENSE_IDS)
 def test_dense_masked_chunked_and_bfloat16(name, opts):
     z, t, _ = dense_case(43, T=14)
@@ -124,13 +136,7 @@ def test_dense_masked_chunked_and_bfloat16(name, opts):
     whole = LOSSES[name](zz, tm, **opts)
     whole.loss_sum.backward()
     assert torch.isfinite(whole.loss_sum) and torch.equal(zz.grad[~mask], torch.zeros_like(zz.grad[~mask]))
-    zc = z.detach().clone().requires_grad_()
-    halves = [LOSSES[name](zc[s], tm.rows(s), **opts) for s in (slice(0, 5), slice(5, 14))]
-    sum(h.loss_sum for h in halves).backward()
-    close(whole.loss_sum, sum(h.loss_sum for h in halves))
-    close(zz.grad[mask], zc.grad[mask])
-    for key in whole.stats:
-        close(whole.stats[key], halves[0].stats[key] + halves[1].stats[key])
+    assert_halves_add_up(name, opts, z, tm, whole, zz.grad, cut=5)
     zb = z.detach().bfloat16().requires_grad_()
     out = LOSSES[name](zb, t, **opts)
     assert out.loss_sum.dtype == torch.float32
@@ -320,13 +326,7 @@ def test_sampled_padding_masking_chunking(name, opts, teacher):
     whole.loss_sum.backward()
     assert torch.isfinite(whole.loss_sum) and torch.isfinite(zz.grad).all() and all(torch.isfinite(v) for v in whole.stats.values())
     assert torch.equal(zz.grad[~mask], torch.zeros_like(zz.grad[~mask]))
-    zc = z.clone().requires_grad_()
-    halves = [LOSSES[name](zc[s], tm.rows(s), **opts) for s in (slice(0, 6), slice(6, 15))]
-    sum(h.loss_sum for h in halves).backward()
-    close(whole.loss_sum, sum(h.loss_sum for h in halves))
-    close(zz.grad[mask], zc.grad[mask])
-    for key in whole.stats:
-        close(whole.stats[key], halves[0].stats[key] + halves[1].stats[key])
+    assert_halves_add_up(name, opts, z, tm, whole, zz.grad, cut=6)
     empty = LOSSES[name](z.clone().requires_grad_(), with_(t, mask=torch.zeros_like(t.mask)), **opts)
     assert empty.n_tokens == 0 and empty.loss_sum.item() == 0.0
 
