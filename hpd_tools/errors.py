@@ -22,3 +22,10 @@ class CacheCorruptError(CacheError):
 
 class TeacherUnavailable(HPDError):
     """An online teacher did not answer (connection refused, timeouts, 5xx) after retries."""
+
+
+def first_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (cut at ``limit`` characters), for the
+    one-line errors that name what a library refused."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"

@@ -34,15 +34,10 @@ from typing import Any
 
 import torch
 
-from ..errors import HPDError
+from ..errors import HPDError, first_line
 from ..hashing import tokenizer_hash
 
 log = logging.getLogger("hpd_tools.distill")
-
-
-def _first_line(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 class DenseTeacher:
@@ -88,7 +83,7 @@ def load_teacher(name: str, flag: str, student_tokenizer: Any, *, dtype: str, de
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # a folder without a tokenizer, or a broken one
-        raise HPDError(f"{flag} {name}: its tokenizer does not load ({_first_line(exc)}); give a model folder with its tokenizer") from None
+        raise HPDError(f"{flag} {name}: its tokenizer does not load ({first_line(exc)}); give a model folder with its tokenizer") from None
     theirs, ours = tokenizer_hash(tokenizer), tokenizer_hash(student_tokenizer)
     if theirs != ours:
         raise HPDError(f"{flag} {name}: tokenizer {theirs[:16]} differs from the student's {ours[:16]}; the teacher must share the student's tokenizer")
@@ -96,7 +91,7 @@ def load_teacher(name: str, flag: str, student_tokenizer: Any, *, dtype: str, de
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32, **attn)
     except Exception as exc:
-        raise HPDError(f"{flag} {name}: does not load as a causal LM ({_first_line(exc)})") from None
+        raise HPDError(f"{flag} {name}: does not load as a causal LM ({first_line(exc)})") from None
     if model.get_output_embeddings() is None or not hasattr(model, "base_model"):
         raise HPDError(f"{flag} {name}: no output embedding (LM head) to read the teacher's distribution from")
     model.to(device).eval().requires_grad_(False)

@@ -13,18 +13,13 @@ from torch.utils.checkpoint import checkpoint
 
 from ..cache.layout import CacheStore
 from ..cache.reader import Batch
-from ..errors import HPDError
+from ..errors import HPDError, first_line
 from ..hashing import tokenizer_hash
 from ..losses import SAMPLING_LOSSES, Targets, compute_loss, restrict_to_width, sample_from_logits
 from .config import DistillConfig, autocast
 from .dense import DenseTeacher, TeacherRows, full_fkl_sum
 
 log = logging.getLogger("hpd_tools.distill")  # the command's logger: what users and -v filter on
-
-
-def _first_line(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return f"{type(exc).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 def load_student(path: str, attn_implementation: str | None = None, revision: str | None = None) -> tuple[Any, Any]:
@@ -41,7 +36,7 @@ def load_student(path: str, attn_implementation: str | None = None, revision: st
         tokenizer = AutoTokenizer.from_pretrained(path)
         model_config = AutoConfig.from_pretrained(path)
     except Exception as exc:  # transformers raises many types for a broken folder
-        raise HPDError(f"--student {path}: does not load as a causal LM ({_first_line(exc)})") from None
+        raise HPDError(f"--student {path}: does not load as a causal LM ({first_line(exc)})") from None
     if attn:
         # Built on the meta device (no memory, no weights read), so that a refusal
         # is told apart from a broken folder.
@@ -49,12 +44,12 @@ def load_student(path: str, attn_implementation: str | None = None, revision: st
             with torch.device("meta"):
                 AutoModelForCausalLM.from_config(model_config, **attn)
         except Exception as exc:  # ImportError (a missing package), ValueError (an unknown name), ...
-            raise HPDError(f"--attn-implementation {attn_implementation}: transformers refuses it for --student {path} ({_first_line(exc, 160)}); "
+            raise HPDError(f"--attn-implementation {attn_implementation}: transformers refuses it for --student {path} ({first_line(exc, 160)}); "
                            "choose sdpa or eager, or install what it names") from None
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **attn)
     except Exception as exc:
-        raise HPDError(f"--student {path}: does not load as a causal LM ({_first_line(exc)})") from None
+        raise HPDError(f"--student {path}: does not load as a causal LM ({first_line(exc)})") from None
     return model, tokenizer
 
 
